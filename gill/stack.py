@@ -1,0 +1,399 @@
+"""Load the frozen Kolors stack (UNet, VAE, ChatGLM text encoder + tokenizer, noise scheduler, CLIP vision).
+
+Three presets, selected by `model_cfg.name` (DESIGN §3, §9):
+
+* ``kolors``        – a diffusers-format Kolors directory (`Kwai-Kolors/Kolors-diffusers` layout) at
+                      `pretrained_path`, plus a CLIP vision tower directory at `vision_path`.
+* ``tiny``          – the same layout at toy size, built by `gill.tiny_stack` into `cache_dir` on first use
+                      (unless `pretrained_path` points at one) and then loaded through *exactly* the same
+                      `from_pretrained` code path as ``kolors``.
+* ``kolors_random`` – real Kolors dimensions with random weights, constructed directly on the target device
+                      and dtype (no files); for memory/speed benchmarks. Its tokenizer is the tiny
+                      SentencePiece tokenizer: all its ids are < 65024, so they are valid for the full-size
+                      ChatGLM embedding, but the text is of course not the real ChatGLM3 tokenization.
+
+Every module is frozen: ``requires_grad_(False)``, ``.eval()``, cast to the dtype, moved to the device.
+No ``trust_remote_code`` anywhere: ChatGLM comes from ``diffusers.pipelines.kolors``.
+
+CLI: ``python -m gill.stack model=kolors_random`` prints the per-component parameter table
+(built on the meta device on CPU, so nothing is allocated).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gill.tiny_stack import (
+    KOLORS_SCHEDULER_CONFIG,
+    TINY_VERSION,
+    build_tiny_stack,
+    init_chatglm_weights_,
+)
+
+KOLORS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# ---- real Kolors dimensions (Kolors-diffusers configs), used by `kolors_random` ----------------
+KOLORS_UNET_CONFIG = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),  # diffusers' legacy name: these are head *counts* (64-dim heads)
+    cross_attention_dim=2048,
+    encoder_hid_dim=4096,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=5632,  # 4096 pooled + 6 x 256 time ids
+    use_linear_projection=True,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+SDXL_VAE_CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+
+CHATGLM3_6B_CONFIG = dict(
+    num_layers=28,
+    hidden_size=4096,
+    ffn_hidden_size=13696,
+    kv_channels=128,
+    num_attention_heads=32,
+    multi_query_attention=True,
+    multi_query_group_num=2,
+    add_qkv_bias=True,
+    padded_vocab_size=65024,
+    seq_length=32768,
+    rmsnorm=True,
+    post_layer_norm=True,
+    original_rope=True,
+)
+
+CLIP_VIT_L14_336_CONFIG = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+    hidden_act="quick_gelu",
+)
+
+
+@dataclass
+class KolorsStack:
+    """The frozen pretrained components. Nothing in here ever trains."""
+
+    unet: Any  # diffusers.UNet2DConditionModel
+    vae: Any  # diffusers.AutoencoderKL
+    text_encoder: Any  # diffusers.pipelines.kolors.ChatGLMModel (sequence-first inside)
+    tokenizer: Any  # diffusers.pipelines.kolors.ChatGLMTokenizer (pads LEFT)
+    noise_scheduler: Any  # diffusers.DDPMScheduler, from the scheduler/ folder config (training)
+    vision: Any  # transformers.CLIPVisionModelWithProjection
+    image_processor: Any  # transformers.CLIPImageProcessor
+    path: str | None  # diffusers-format directory it was loaded from (None for kolors_random)
+
+    def modules(self) -> dict[str, nn.Module]:
+        """name -> frozen nn.Module (tokenizer/scheduler/processor are not modules)."""
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "vision": self.vision}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+def _cfg_get(cfg, key: str, default=None):
+    if cfg is None:
+        return default
+    if isinstance(cfg, dict):
+        val = cfg.get(key, default)
+    else:  # omegaconf DictConfig or any attribute container
+        val = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if val is None else val
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """"bf16" | "fp16" | "fp32" | "auto" (bf16 on CUDA, fp32 otherwise) -> torch.dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    name = (name or "auto").lower()
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    table = {
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    }
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; expected bf16 | fp16 | fp32 | auto")
+    return table[name]
+
+
+def _vae_dtype(dtype: torch.dtype) -> torch.dtype:
+    # The SDXL/Kolors VAE decodes to NaN in fp16 (DESIGN §3); bf16/fp32 are fine.
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def _freeze(module: nn.Module, device, dtype: torch.dtype) -> nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    # Only cast when needed: from_pretrained already loaded in `dtype`, and a redundant `.to(dtype)`
+    # makes diffusers warn about its keep-in-fp32 modules.
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module = module.to(dtype=dtype)
+    return module.to(device=device)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (works on the meta device too)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_table(rows: list[tuple[str, int]]) -> str:
+    """Markdown table of (component, parameter count) rows plus a total row."""
+    lines = ["| component | parameters | billions |", "|---|---:|---:|"]
+    for name, n in rows:
+        lines.append(f"| {name} | {n:,} | {n / 1e9:.3f} |")
+    total = sum(n for _, n in rows)
+    lines.append(f"| **total** | {total:,} | {total / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Construct parameters directly in the target dtype (no fp32 copy of a 9B-param stack).
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# ------------------------------------------------------------------------------------------------
+# tiny: build-once cache
+# ------------------------------------------------------------------------------------------------
+def default_tiny_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "gill", f"tiny-{TINY_VERSION}")
+
+
+def ensure_tiny_stack(cache_dir: str | None = None) -> str:
+    """Return a built tiny stack directory, building it on first use.
+
+    Race-safe across ranks/processes: each builder writes a private temp dir next to the target and
+    renames it into place; rename onto an existing non-empty directory fails, so the first finisher
+    wins and the others discard their copy. A directory is only ever visible complete.
+    """
+    final = os.path.abspath(os.path.expanduser(cache_dir or default_tiny_cache_dir()))
+    if os.path.isfile(os.path.join(final, "model_index.json")):
+        return final
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
+    try:
+        build_tiny_stack(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is meant to be shared
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # Another process won the race (or an empty dir sat there); use theirs if complete.
+            if not os.path.isfile(os.path.join(final, "model_index.json")):
+                if os.path.isdir(final) and not os.listdir(final):
+                    os.rmdir(final)
+                    os.rename(tmp, final)
+                else:
+                    raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------
+# loading from a diffusers-format directory (tiny and kolors share this)
+# ------------------------------------------------------------------------------------------------
+def check_kolors_dir(path: str) -> None:
+    """Raise FileNotFoundError naming whatever a Kolors-diffusers directory lacks."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"Kolors pretrained_path {path!r} is not a directory")
+    missing = [s for s in KOLORS_SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
+    if missing:
+        raise FileNotFoundError(
+            f"Kolors directory {path!r} is missing subfolder(s) {missing}; expected the Kolors-diffusers "
+            f"layout: model_index.json + {list(KOLORS_SUBFOLDERS)}"
+        )
+    if not os.path.isfile(os.path.join(path, "tokenizer", "tokenizer.model")):
+        raise FileNotFoundError(f"{path}/tokenizer/tokenizer.model (SentencePiece model) is missing")
+
+
+def check_vision_dir(path: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"CLIP vision_path {path!r} is not a directory")
+    for f in ("config.json", "preprocessor_config.json"):
+        if not os.path.isfile(os.path.join(path, f)):
+            raise FileNotFoundError(f"CLIP vision directory {path!r} is missing {f}")
+
+
+def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype) -> KolorsStack:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    check_kolors_dir(path)
+    check_vision_dir(vision_path)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(
+        path, subfolder="vae", use_safetensors=True, torch_dtype=_vae_dtype(dtype)
+    )
+    text_encoder = ChatGLMModel.from_pretrained(
+        os.path.join(path, "text_encoder"), use_safetensors=True, dtype=dtype
+    )
+    tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
+    # Training uses DDPM's add_noise with Kolors' betas (1100 steps, scaled_linear); sampling code builds
+    # its own Euler scheduler from the same folder.
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    vision = CLIPVisionModelWithProjection.from_pretrained(vision_path, use_safetensors=True, dtype=dtype)
+    image_processor = CLIPImageProcessor.from_pretrained(vision_path)
+    return KolorsStack(
+        unet=_freeze(unet, device, dtype),
+        vae=_freeze(vae, device, _vae_dtype(dtype)),
+        text_encoder=_freeze(text_encoder, device, dtype),
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        vision=_freeze(vision, device, dtype),
+        image_processor=image_processor,
+        path=path,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# kolors_random: real dimensions, random weights, built in place
+# ------------------------------------------------------------------------------------------------
+def build_random_modules(device="cpu", dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
+    """UNet / VAE / ChatGLM3-6B / CLIP ViT-L/14-336 at real size with random weights.
+
+    Built under ``torch.device(device)`` with the default dtype set to `dtype`, so the 9B parameters
+    are allocated once, on the device, in the final dtype. On "meta" nothing is allocated (counting).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    meta = torch.device(device).type == "meta"
+    out: dict[str, nn.Module] = {}
+    with torch.device(device), _default_dtype(dtype):
+        out["unet"] = UNet2DConditionModel(**KOLORS_UNET_CONFIG)
+        with _default_dtype(_vae_dtype(dtype)):
+            out["vae"] = AutoencoderKL(**SDXL_VAE_CONFIG)
+        te = ChatGLMModel(ChatGLMConfig(**CHATGLM3_6B_CONFIG), empty_init=False)
+        if not meta:
+            init_chatglm_weights_(te)  # _init_weights is a no-op; RMSNorm is torch.empty
+        out["text_encoder"] = te
+        out["vision"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_336_CONFIG))
+    return out
+
+
+def _load_random(device, dtype: torch.dtype, cache_dir: str | None) -> KolorsStack:
+    from diffusers import DDPMScheduler
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+    from transformers import CLIPImageProcessor
+
+    mods = build_random_modules(device, dtype)
+    # The tiny SentencePiece tokenizer: ids < 65024, so valid inputs for the full-size embedding.
+    tiny = ensure_tiny_stack(cache_dir)
+    tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(tiny, "tokenizer"), padding_side="left")
+    size = CLIP_VIT_L14_336_CONFIG["image_size"]
+    return KolorsStack(
+        unet=_freeze(mods["unet"], device, dtype),
+        vae=_freeze(mods["vae"], device, _vae_dtype(dtype)),
+        text_encoder=_freeze(mods["text_encoder"], device, dtype),
+        tokenizer=tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(KOLORS_SCHEDULER_CONFIG),
+        vision=_freeze(mods["vision"], device, dtype),
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        ),
+        path=None,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# public entry point
+# ------------------------------------------------------------------------------------------------
+def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
+    """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
+    cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+    name = _cfg_get(model_cfg, "name", "tiny")
+    dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    pretrained = _cfg_get(model_cfg, "pretrained_path")
+    vision_path = _cfg_get(model_cfg, "vision_path")
+    cache_dir = _cfg_get(model_cfg, "cache_dir")
+
+    if name == "kolors_random":
+        return _load_random(device, dtype, cache_dir)
+    if name == "tiny":
+        path = os.path.expanduser(pretrained) if pretrained else ensure_tiny_stack(cache_dir)
+        vision_path = os.path.expanduser(vision_path) if vision_path else os.path.join(path, "image_encoder")
+        return _load_from_dir(path, vision_path, device, dtype)
+    if name == "kolors":
+        if not pretrained:
+            raise ValueError("model.pretrained_path must point at a Kolors-diffusers directory for name=kolors")
+        if not vision_path:
+            raise ValueError("model.vision_path must point at a CLIP ViT-L/14-336 vision directory for name=kolors")
+        return _load_from_dir(os.path.expanduser(pretrained), os.path.expanduser(vision_path), device, dtype)
+    raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
+
+
+def stack_parameter_rows(stack_or_modules) -> list[tuple[str, int]]:
+    mods = stack_or_modules.modules() if isinstance(stack_or_modules, KolorsStack) else stack_or_modules
+    return [(name, count_parameters(m)) for name, m in mods.items()]
+
+
+def main(argv: list[str] | None = None) -> str:
+    """`python -m gill.stack model=kolors_random [device=cuda] [dtype=bf16]` -> parameter table."""
+    from omegaconf import OmegaConf
+
+    args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
+    name = args.get("model", "kolors_random")
+    if not isinstance(name, str):  # allow model.name=... too
+        name = name.get("name", "kolors_random")
+    device = args.get("device", "cpu")
+    if name == "kolors_random":
+        dev = "meta" if device == "cpu" else device  # count without allocating 9B params on CPU
+        rows = stack_parameter_rows(build_random_modules(dev, resolve_dtype(args.get("dtype"), device)))
+    else:
+        cfg = {k: args.get(k) for k in ("pretrained_path", "vision_path", "cache_dir", "dtype")}
+        cfg["name"] = name
+        rows = stack_parameter_rows(load_stack(cfg, device=device))
+    table = parameter_table(rows)
+    print(f"model={name}\n{table}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
