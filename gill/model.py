@@ -1,0 +1,165 @@
+"""``GillModel``: the frozen Kolors stack + the adapter behind one interface, ``model(batch, mode)``.
+
+The frozen modules are registered as submodules (so DeepSpeed moves and casts them with the
+rest) but never train: they stay in eval mode whatever ``.train()`` says, and their parameters
+have ``requires_grad=False``. Turning a collated batch (PIL images, strings, boxes) into tensors
+happens here; the three losses live in :mod:`gill.modes`.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import torch
+from torch import nn
+
+from gill import modes
+from gill.adapter import GillAdapter
+from gill.chatglm import encode_prompt
+from gill.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
+
+MODES = ("captioning", "retrieval", "generation")
+
+
+class PhraseCache:
+    """ChatGLM pooled vectors of object labels, cached by label string (bounded LRU).
+
+    Labels repeat across a dataset ("红色圆形", "猫"), and the frozen encoder gives the same
+    vector every time, so each is encoded once.
+    """
+
+    def __init__(self, capacity: int = 50_000):
+        self.capacity = capacity
+        self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+
+    def __call__(self, model: "GillModel", labels: list[list[str]], num_slots: int) -> torch.Tensor:
+        missing = sorted({lab for row in labels for lab in row if lab not in self._cache})
+        if missing:
+            _, pooled = encode_prompt(
+                model.text_encoder, model.tokenizer, missing, model.phrase_max_length, model.device, padding="longest"
+            )
+            for lab, vec in zip(missing, pooled):
+                self._cache[lab] = vec
+        out = torch.zeros(len(labels), num_slots, model.llm_dim, device=model.device, dtype=model.dtype)
+        for i, row in enumerate(labels):
+            for j, lab in enumerate(row[:num_slots]):
+                self._cache.move_to_end(lab)
+                out[i, j] = self._cache[lab]
+        while len(self._cache) > self.capacity:
+            self._cache.popitem(last=False)
+        return out
+
+
+class GillModel(nn.Module):
+    def __init__(self, stack: KolorsStack, cfg):
+        """``cfg``: the ``model`` config group (``adapter``, lengths, dropouts, checkpointing)."""
+        super().__init__()
+        self.unet = stack.unet
+        self.vae = stack.vae
+        self.text_encoder = stack.text_encoder
+        self.vision = stack.vision
+        self.tokenizer = stack.tokenizer
+        self.image_processor = stack.image_processor
+        self.noise_scheduler = stack.noise_scheduler
+        for frozen in (self.unet, self.vae, self.text_encoder, self.vision):
+            frozen.requires_grad_(False).eval()
+
+        self.llm_dim = self.text_encoder.config.hidden_size
+        self.prompt_max_length = cfg.prompt_max_length
+        self.phrase_max_length = cfg.phrase_max_length
+        self.caption_max_tokens = cfg.caption_max_tokens
+        self.caption_dropout = cfg.caption_dropout
+        self.layout_dropout = cfg.layout_dropout
+        self.mapper_loss_weight = cfg.mapper_loss_weight
+        self.diffusion_loss_weight = cfg.diffusion_loss_weight
+        self.adapter = GillAdapter(
+            cfg.adapter,
+            llm_dim=self.llm_dim,
+            vision_dim=self.vision.config.projection_dim,
+            prompt_len=cfg.prompt_max_length,
+            unet=self.unet,
+        )
+        self.adapter.spatial.attach(self.unet)
+        self.phrases = PhraseCache(cfg.phrase_cache_size)
+        self._empty_prompt = None
+        # Random draws (noise, timesteps, dropouts, VAE sampling) come from this generator, whose
+        # state is checkpointed: resume continues the exact same stream.
+        self.rng = torch.Generator().manual_seed(0)
+        if cfg.gradient_checkpointing.unet:
+            self.unet.enable_gradient_checkpointing()
+        if cfg.gradient_checkpointing.text_encoder:
+            self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    # ---- housekeeping -------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.unet, self.vae, self.text_encoder, self.vision):
+            frozen.eval()
+        return self
+
+    def seed(self, seed: int) -> None:
+        self.rng.manual_seed(seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.img_tokens.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward(self, batch: dict, mode: str) -> dict:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        return getattr(modes, mode)(self, batch)
+
+    # ---- inputs ----------------------------------------------------------------------------------
+    def rand(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.rng).to(self.device)
+
+    def randn(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.rng).to(self.device, self.dtype)
+
+    @torch.no_grad()
+    def vision_features(self, batch: dict) -> torch.Tensor:
+        """CLIP image embeddings ``[B, Dv]`` (precomputed ``vision_features`` in the batch win)."""
+        if "vision_features" in batch:
+            return batch["vision_features"].to(self.device, self.dtype)
+        pixels = self.image_processor(images=batch["images"], return_tensors="pt")["pixel_values"]
+        return self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).image_embeds.to(self.dtype)
+
+    @torch.no_grad()
+    def latents(self, batch: dict) -> torch.Tensor:
+        """VAE latents, scaled (precomputed ``latents`` in the batch win)."""
+        if "latents" in batch:
+            return batch["latents"].to(self.device, self.dtype)
+        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in batch["images"]])
+        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=self.rng).to(dist.mean.device, dist.mean.dtype)
+        return (dist.mean + dist.std * noise).mul(self.vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def prompt_encoding(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_prompt(self.text_encoder, self.tokenizer, captions, self.prompt_max_length, self.device)
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoding of "" — what a dropped caption becomes (and Kolors' unconditional input)."""
+        if self._empty_prompt is None or self._empty_prompt[0].device != self.device:
+            self._empty_prompt = self.prompt_encoding([""])
+        return self._empty_prompt
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def time_ids(self, batch: dict, resolution: int) -> torch.Tensor:
+        """Kolors/SDXL micro-conditioning: original size, crop top-left, target size."""
+        b = len(batch["captions"])
+        orig = batch.get("original_size", torch.full((b, 2), resolution))
+        crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long))
+        target = torch.full((b, 2), resolution)
+        return torch.cat((orig, crop, target), dim=1).to(self.device, self.dtype)
