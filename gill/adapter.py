@@ -32,7 +32,7 @@ class GillAdapter(nn.Module):
         self.img_tokens = nn.Parameter(torch.randn(cfg.img_tokens, llm_dim) * 0.02)
         self.text_proj = nn.Linear(llm_dim, cfg.retrieval_dim)
         self.image_proj = nn.Linear(vision_dim, cfg.retrieval_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(LOGIT_SCALE_INIT))
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))  # 1-d: DeepSpeed cannot broadcast 0-d
         m = cfg.mapper
         self.mapper = GillMapper(
             llm_dim, llm_dim, prompt_len, width=m.width, encoder_layers=m.encoder_layers,

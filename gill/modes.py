@@ -101,7 +101,7 @@ def retrieval(model, batch: dict) -> dict:
     txt, img = F.normalize(txt.float(), dim=-1), F.normalize(img.float(), dim=-1)
     all_txt, offset = gather_with_grad(txt)
     all_img, _ = gather_with_grad(img)
-    scale = adapter.scale().float()
+    scale = adapter.scale().float().squeeze()
     target = torch.arange(txt.shape[0], device=txt.device) + offset
     logits_i2t = scale * img @ all_txt.T
     logits_t2i = scale * txt @ all_img.T

@@ -1,0 +1,122 @@
+"""The training recipe: composed config -> checks -> stack + adapter -> DeepSpeed engine -> Trainer.
+
+Order matters: every check that can fail on the config alone runs before any model loads.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf, open_dict
+from torch.utils.data import DataLoader
+
+from gill import distributed
+from gill.data.collate import build_dataset, collate_layout
+from gill.data.sampler import ResumableDistributedSampler
+from gill.ds_config import build_ds_config, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+def lr_lambda(train_cfg, total_steps: int):
+    warmup = int(train_cfg.warmup_steps)
+    cosine = train_cfg.lr_schedule == "cosine"
+    if train_cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"train.lr_schedule must be constant or cosine, got {train_cfg.lr_schedule!r}")
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_loader(dataset, train_cfg, shuffle: bool, seed: int):
+    sampler = ResumableDistributedSampler(
+        len(dataset), distributed.world_size(), distributed.rank(), seed=seed, shuffle=shuffle
+    )
+    loader = DataLoader(
+        dataset, batch_size=int(train_cfg.micro_batch_size), sampler=sampler, collate_fn=collate_layout,
+        num_workers=int(train_cfg.num_workers), drop_last=True,
+    )
+    return loader, sampler
+
+
+def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int):
+    """Stack + adapter + DeepSpeed engine (no data); shared by training, tests and benchmarks."""
+    import deepspeed
+
+    from gill.model import GillModel
+    from gill.stack import load_stack
+
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    stack = load_stack(cfg.model, device=device, dtype=dtype)
+    torch.manual_seed(int(cfg.train.seed))  # the adapter's initial weights: same on every rank
+    model = GillModel(stack, cfg.model).to(device)
+    model.seed(int(cfg.train.seed) * 1000 + distributed.rank())
+    sched = lr_lambda(cfg.train, max_steps_hint)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.trainable_parameters(),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
+    )
+    return engine
+
+
+def run(cfg, hydra_output_dir: str | None = None) -> dict:
+    """Train according to ``cfg``; returns the last step's metrics."""
+    from gill.trainer import Trainer
+
+    device = distributed.device_for_rank()
+    # Config-only checks first: a contradiction must fail before minutes of model loading.
+    ds_config = build_ds_config(cfg, distributed.world_size(), on_gpu=device.type == "cuda")
+    resolve_precision(cfg.train.precision, device.type == "cuda")
+    dataset = build_dataset(cfg.data, int(cfg.train.resolution), int(cfg.train.seed))
+    val_cfg = cfg.data.get("val")
+    val_dataset = build_dataset(val_cfg, int(cfg.train.resolution), int(cfg.train.seed)) if val_cfg else None
+
+    distributed.init(device)
+    # One run folder per run: rank 0's (Hydra made it there); the other ranks follow it.
+    output_dir = Path(distributed.broadcast_object(hydra_output_dir or cfg.train.output_dir)).resolve()
+    with open_dict(cfg):
+        cfg.train.output_dir = str(output_dir)
+    if distributed.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
+        log.info("run folder %s, world size %d, device %s", output_dir, distributed.world_size(), device)
+        log.info("DeepSpeed config: %s", ds_config)
+
+    loader, sampler = build_loader(dataset, cfg.train, shuffle=True, seed=int(cfg.train.seed))
+    val_loader = None
+    if val_dataset is not None and distributed.is_main():
+        val_loader = DataLoader(val_dataset, batch_size=int(cfg.train.micro_batch_size), collate_fn=collate_layout)
+    steps_hint = int(cfg.train.max_steps or (len(loader) // int(cfg.train.grad_accum)) * int(cfg.train.epochs))
+    engine = build_engine(cfg, ds_config, device, steps_hint)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    trainer = Trainer(cfg, engine, loader, sampler, val_loader, resolved, output_dir)
+    resume = trainer.ckpt.resolve(cfg.train.resume)
+    if resume is not None:
+        trainer.restore(trainer.ckpt.load(engine, resume))
+        log.info("resumed from %s at step %d", resume, trainer.step)
+    elif cfg.train.resume == "auto":
+        log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", trainer.ckpt.root)
+    metrics = trainer.fit()
+    if distributed.is_main():
+        log.info("done: %d steps, adapter at %s", trainer.step, output_dir / "adapter.safetensors")
+    return metrics
+
+
+def hydra_rank_overrides() -> list[str]:
+    """Extra Hydra overrides for ranks > 0: write no .hydra/ and no log file of their own."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return []
+    return ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.run.dir=."]

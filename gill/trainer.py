@@ -1,0 +1,230 @@
+"""The training loop: one optimizer step = every mode of every micro-batch, one backward each.
+
+For each micro-batch, for each mode in a fixed order: forward -> ``engine.backward`` -> the graph
+is freed -> next mode. DeepSpeed accumulates ``len(modes) x grad_accum`` micro-steps and applies
+the optimizer on the boundary, so peak activation memory is one mode's graph, not three (the seed's
+OOM). Every rank runs the same modes in the same order: ZeRO-2 reduces during each backward.
+
+Also here: non-finite loss handling, progress/TensorBoard logging, periodic validation,
+checkpoint/resume, and SIGTERM/SIGINT (finish the step, save, exit 0).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from gill import distributed
+from gill.checkpoint import CheckpointManager, export_adapter
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def zero_surrogate(model) -> torch.Tensor:
+    """A zero loss with a graph: lets a rank take part in the backward without touching weights."""
+    return model.adapter.logit_scale * 0.0
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_weights: dict) -> dict:
+    """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
+
+    A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
+    backward is collective), and the update is skipped by running the boundary step at lr 0: no
+    poisoned value reaches the weights. ``metrics["skipped"]`` says so.
+    """
+    model = engine.module
+    sums: dict[str, float] = {}
+    poisoned = False
+    n_micro = len(micro_batches) * len(modes)
+    i = 0
+    for batch in micro_batches:
+        for mode in modes:
+            i += 1
+            out = engine(batch, mode)
+            loss = out["loss"] * float(mode_weights.get(mode, 1.0))
+            bad = distributed.any_rank(not bool(torch.isfinite(loss.detach()).all()))
+            if bad:
+                log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
+                poisoned = True
+                loss = zero_surrogate(model)
+            if poisoned and i == n_micro:
+                set_lr(engine, 0.0)  # the scheduler's step right after restores it
+            engine.backward(loss)
+            engine.step()
+            del loss
+            for k, v in out.items():
+                key = f"{mode}/{k}"
+                sums[key] = sums.get(key, 0.0) + float(v.detach().float().mean()) / len(micro_batches)
+            del out
+    sums["skipped"] = float(poisoned)
+    return sums
+
+
+class Trainer:
+    def __init__(self, cfg, engine, loader, sampler, val_loader, resolved_config: dict, output_dir: Path):
+        self.cfg, self.t = cfg, cfg.train
+        self.engine = engine
+        self.model = engine.module
+        self.loader, self.sampler, self.val_loader = loader, sampler, val_loader
+        self.resolved_config = resolved_config
+        self.output_dir = output_dir
+        self.ckpt = CheckpointManager(output_dir, self.t.keep_last)
+        self.modes = list(self.t.modes)
+        self.grad_accum = int(self.t.grad_accum)
+        self.steps_per_epoch = len(loader) // self.grad_accum
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"an epoch has {len(loader)} micro-batches per rank, fewer than train.grad_accum={self.grad_accum}: "
+                "use more data or a smaller micro_batch_size/grad_accum"
+            )
+        self.max_steps = int(self.t.max_steps) if self.t.max_steps else self.steps_per_epoch * int(self.t.epochs)
+        self.step, self.epoch, self.micro_in_epoch = 0, 0, 0
+        self.bad_in_a_row = 0
+        self._stop = False
+        self.writer = None
+        self.metrics_file = output_dir / "metrics.jsonl"
+
+    # ---- state ------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "micro_in_epoch": self.micro_in_epoch,
+            "model_rng": self.model.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict) -> None:
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.model.rng.set_state(state["model_rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+    def save(self) -> None:
+        self.ckpt.save(self.engine, self.step, self.client_state())
+        self.export()
+
+    def export(self) -> None:
+        export_adapter(self.model.adapter, self.output_dir / "adapter.safetensors", self.resolved_config, self.step)
+
+    # ---- signals ----------------------------------------------------------------------------
+    def _request_stop(self, signum, frame):
+        log.warning("signal %d: finishing the current step, then saving and exiting", signum)
+        self._stop = True
+
+    def _install_signal_handlers(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request_stop)
+
+    # ---- loop -------------------------------------------------------------------------------
+    def _micro_batches(self):
+        """Endless micro-batches, resuming at (epoch, micro_in_epoch)."""
+        while True:
+            start = self.micro_in_epoch * int(self.t.micro_batch_size)
+            self.sampler.set_epoch(self.epoch, start)
+            if hasattr(self.loader.dataset, "set_epoch"):
+                self.loader.dataset.set_epoch(self.epoch)
+            usable = self.steps_per_epoch * self.grad_accum  # whole optimizer steps only
+            for batch in self.loader:
+                if self.micro_in_epoch >= usable:
+                    break
+                self.micro_in_epoch += 1
+                yield batch
+            self.epoch, self.micro_in_epoch = self.epoch + 1, 0
+
+    def fit(self) -> dict:
+        self._install_signal_handlers()
+        main = distributed.is_main()
+        if main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tb"))
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
+        world = distributed.world_size()
+        samples_per_step = int(self.t.micro_batch_size) * self.grad_accum * world
+        stream = self._micro_batches()
+        last = {}
+        try:
+            while self.step < self.max_steps:
+                micro = [next(stream) for _ in range(self.grad_accum)]
+                t0 = time.perf_counter()
+                metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self._check_finite(metrics)
+                metrics["lr"] = self.engine.get_lr()[0]
+                metrics["samples_per_s"] = samples_per_step / dt
+                last = metrics
+                if main:
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(metrics), refresh=False)
+                    if self.step % max(1, int(self.t.log_every)) == 0 or self.step == self.max_steps:
+                        self._log(metrics, "train")
+                stop = distributed.any_rank(self._stop)
+                at_end = self.step == self.max_steps
+                if self.val_loader is not None and (
+                    (self.t.val_every and self.step % int(self.t.val_every) == 0) or at_end
+                ):
+                    self.validate()
+                if stop or at_end or (self.t.save_every and self.step % int(self.t.save_every) == 0):
+                    self.save()
+                if stop:
+                    log.warning("stopped by signal at step %d; checkpoint saved", self.step)
+                    break
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        return last
+
+    def _check_finite(self, metrics: dict) -> None:
+        if metrics["skipped"]:
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row >= int(self.t.max_bad_steps):
+                raise NonFiniteLossError(
+                    f"{self.bad_in_a_row} consecutive optimizer steps had non-finite losses (step {self.step}); "
+                    "stopping. The weights and the last checkpoint hold no poisoned update."
+                )
+        else:
+            self.bad_in_a_row = 0
+
+    @staticmethod
+    def _postfix(metrics: dict) -> dict:
+        short = {k.split("/")[0][:3]: f"{v:.3f}" for k, v in metrics.items() if k.endswith("/loss")}
+        short["lr"] = f"{metrics['lr']:.2e}"
+        short["sps"] = f"{metrics['samples_per_s']:.2f}"
+        return short
+
+    def _log(self, metrics: dict, split: str) -> None:
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(f"{split}/{k}", v, self.step)
+        with open(self.metrics_file, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"split": split, "step": self.step, **metrics}, ensure_ascii=False) + "\n")
+
+    def validate(self) -> None:
+        """Rank 0 evaluates (forward only, no collectives) while the other ranks wait."""
+        if distributed.is_main():
+            from gill.validation import evaluate
+
+            metrics, captions = evaluate(self.model, self.val_loader, self.t)
+            self._log(metrics, "val")
+            for i, (ref, hyp) in enumerate(captions):
+                self.writer.add_text(f"val/caption_{i}", f"ref: {ref}  \nout: {hyp}", self.step)
+            log.info("validation at step %d: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
+        distributed.barrier()
