@@ -71,8 +71,8 @@ def build_tokenizer():
     )
 
 
-def tiny_config(tokenizer, **text_overrides):
-    """Qwen2VLConfig at tiny dimensions, token ids taken from ``tokenizer``."""
+def tiny_config(tokenizer, vision_overrides=None, **text_overrides):
+    """Qwen2VLConfig at tiny dimensions (or others via the overrides), token ids taken from ``tokenizer``."""
     from transformers import Qwen2VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -86,6 +86,7 @@ def tiny_config(tokenizer, **text_overrides):
     text.update(text_overrides)
     vision = dict(depth=2, embed_dim=32, hidden_size=text["hidden_size"], num_heads=2, mlp_ratio=2,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    vision.update(vision_overrides or {})
     return Qwen2VLConfig(
         text_config=text, vision_config=vision,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -95,10 +96,12 @@ def tiny_config(tokenizer, **text_overrides):
 
 
 def build_image_processor(min_pixels: int = 56 * 56, max_pixels: int = 448 * 448):
-    """Qwen2-VL's image processor (the PIL flavour: it needs no torchvision)."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+    """Qwen2-VL's image processor: the PIL flavour where it exists (it needs no torchvision)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil as cls
+    except ImportError:  # transformers releases before the PIL/torchvision split
+        from transformers import Qwen2VLImageProcessor as cls
+    return cls(min_pixels=min_pixels, max_pixels=max_pixels)
 
 
 def save_processor_files(path: Path, tokenizer, image_processor) -> None:
@@ -114,6 +117,8 @@ def save_processor_files(path: Path, tokenizer, image_processor) -> None:
     cfg_file = path / "preprocessor_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["processor_class"] = "Qwen2VLProcessor"
+    # the release's name; AutoImageProcessor picks the PIL flavour itself where torchvision is missing
+    cfg["image_processor_type"] = "Qwen2VLImageProcessor"
     cfg_file.write_text(json.dumps(cfg, indent=2))
     (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
 

@@ -34,6 +34,7 @@ class AnnotateWorker:
         self.backend = make_backend(cfg["backend"], cfg["prompts"], model=model)
         self.filters = FilterConfig.from_mapping(cfg.get("filters"))
         self.keep_raw = bool(cfg.get("output", {}).get("keep_raw_in_errors", True))
+        self.retry_single = True  # benchmarks turn it off: a failing batch must fail loudly there
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
         n = len(batch["id"])
@@ -57,6 +58,8 @@ class AnnotateWorker:
         try:
             return self.backend.generate(*args)
         except Exception:  # noqa: BLE001 - isolate the record that breaks the batch
+            if not self.retry_single:
+                raise
             if len(rows) == 1:
                 import traceback
                 return [RuntimeError(traceback.format_exc(limit=2)[-300:])]
