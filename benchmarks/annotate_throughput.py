@@ -165,7 +165,7 @@ def write_table(args, results):
     base = next((r["images_per_s"] for r in results if r["batch"] == 1), None)
     lines = [f"Qwen2-VL-{args.dims} dimensions, random weights, {args.image_size}² images, exactly "
              f"{args.new_tokens} new tokens, greedy, {args.attn}, device: {dev}, torch {torch.__version__}.", "",
-             "| KV cache | batch | images | seconds | images/s | × batch-1 | ms / decode step | prompt tokens | peak GiB |",
+             "| KV cache | batch | images | seconds | images/s | × batch-1 | ms per token (call ÷ new tokens) | prompt tokens | peak GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         speed = f"{r['images_per_s'] / base:.1f}" if base else "–"
