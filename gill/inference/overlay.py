@@ -62,7 +62,9 @@ def draw_layout(
     draw = ImageDraw.Draw(out)
     for i, (label, box) in enumerate(objects):
         color = PALETTE[i % len(PALETTE)]
-        x1, y1, x2, y2 = box[0] * w, box[1] * h, box[2] * w, box[3] * h
+        # x2 = 1.0 maps to pixel w, one past the canvas: clamp so border-touching edges stay visible
+        x1, y1 = box[0] * w, box[1] * h
+        x2, y2 = min(box[2] * w, w - 1), min(box[3] * h, h - 1)
         draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
         if label:
             l, t, r, b = draw.textbbox((x1 + line_width, y1 + line_width), label, font=font)
