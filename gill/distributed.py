@@ -95,3 +95,20 @@ def barrier() -> None:
 
 def _collective_device() -> torch.device:
     return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def identical_across_ranks(module: torch.nn.Module) -> bool:
+    """Whether every rank holds bit-identical trainable parameters (a data-parallel invariant)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    digest = h.hexdigest()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return True
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    return len(set(digests)) == 1

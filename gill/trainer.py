@@ -34,13 +34,28 @@ def zero_surrogate(model) -> torch.Tensor:
     return model.adapter.logit_scale * 0.0
 
 
+def touch_all_trainables(model) -> torch.Tensor:
+    """A zero term that gives *every* trainable a (zero) gradient in this backward.
+
+    Added to the first and the last backward of each optimizer step, because DeepSpeed 0.19.8's
+    ZeRO-2 with the optimizer offloaded accumulates per-parameter gradients in CPU buffers that are
+    (a) reset only by a gradient in the step's first backward, and (b) copied to the fp32 optimizer
+    buffer only by a gradient in the boundary backward. Without this, a parameter used by one mode
+    only (the visual prefix, the retrieval heads) silently gets no update, or carries the previous
+    step's gradient into the next. The parity test (tests/test_trainer.py) catches both.
+    """
+    return sum(p.reshape(-1)[0] * 0.0 for p in model.trainable_parameters())
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
 
 
-def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_weights: dict) -> dict:
+def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None) -> dict:
     """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
+
+    ``before_update(engine)`` runs after the last backward, before the update (gradient probes).
 
     A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
     backward is collective), and the update is skipped by running the boundary step at lr 0: no
@@ -61,9 +76,14 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
                 log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
                 poisoned = True
                 loss = zero_surrogate(model)
-            if poisoned and i == n_micro:
-                set_lr(engine, 0.0)  # the scheduler's step right after restores it
+            if i in (1, n_micro):
+                loss = loss + touch_all_trainables(model)
+            if i == n_micro:
+                if poisoned:
+                    set_lr(engine, 0.0)  # the scheduler's step right after restores it
             engine.backward(loss)
+            if i == n_micro and before_update is not None:
+                before_update(engine)
             engine.step()
             del loss
             for k, v in out.items():
@@ -181,7 +201,9 @@ class Trainer:
                     (self.t.val_every and self.step % int(self.t.val_every) == 0) or at_end
                 ):
                     self.validate()
-                if stop or at_end or (self.t.save_every and self.step % int(self.t.save_every) == 0):
+                periodic = self.t.save_every and self.step % int(self.t.save_every) == 0
+                # A skipped step changed no weight, but it is no moment to write a checkpoint either.
+                if stop or at_end or (periodic and not metrics["skipped"]):
                     self.save()
                 if stop:
                     log.warning("stopped by signal at step %d; checkpoint saved", self.step)
@@ -190,6 +212,11 @@ class Trainer:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
+        last["replicas_identical"] = float(distributed.identical_across_ranks(self.model.adapter))
+        if main:
+            log.info("trainables identical on all %d ranks: %s", world, bool(last["replicas_identical"]))
+            with open(self.metrics_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"split": "final", "step": self.step, **last}) + "\n")
         return last
 
     def _check_finite(self, metrics: dict) -> None:

@@ -1,0 +1,154 @@
+"""The adapter and the three modes on the tiny stack: exactness at init, gradient routing, shapes."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from gill.chatglm import encode_prompt
+from gill.data.collate import collate_layout
+from gill.data.synthetic import SyntheticLayoutDataset
+from gill.model import GillModel
+from gill.stack import load_stack
+
+MODEL_CFG = "conf/model/tiny.yaml"
+
+
+def make_model(stack_dir, **adapter_overrides):
+    cfg = OmegaConf.load(MODEL_CFG)
+    cfg.pretrained_path = stack_dir
+    for k, v in adapter_overrides.items():
+        OmegaConf.update(cfg, k, v)
+    # A fresh stack per model: the spatial adapter hooks into the UNet it is given.
+    stack = load_stack(cfg, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    return GillModel(stack, cfg)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ds = SyntheticLayoutDataset(8, resolution=64, seed=3)
+    return collate_layout([ds[i] for i in range(4)])
+
+
+def unet_inputs(model, batch):
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(4, 4, 16, 16, generator=g)
+    embeds, pooled = model.prompt_encoding(batch["captions"])
+    return dict(
+        sample=latents,
+        timestep=torch.tensor([10, 200, 500, 999]),
+        encoder_hidden_states=embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": model.time_ids(batch, 64)},
+    )
+
+
+@pytest.mark.parametrize("injection", ["self", "cross"])
+def test_adapter_reproduces_frozen_unet_exactly_at_init(tiny_stack_dir, batch, injection):
+    model = make_model(tiny_stack_dir, **{"adapter.spatial.injection": injection})
+    inputs = unet_inputs(model, batch)
+    with torch.no_grad():
+        model.adapter.spatial.clear_layout()
+        plain = model.unet(**inputs).sample
+        phrases = model.phrases(model, batch["labels"], batch["boxes"].shape[1])
+        model.adapter.spatial.set_layout(phrases, batch["boxes"], batch["box_mask"], (16, 16))
+        with_layout = model.unet(**inputs).sample
+        assert torch.equal(plain, with_layout), "zero gates must leave the UNet bit-identical"
+        # ...and the injection is really wired in: opening the gates changes the output.
+        for layer in model.adapter.spatial.layers:
+            layer.gate.fill_(0.5)
+        opened = model.unet(**inputs).sample
+    assert not torch.allclose(plain, opened)
+    # The UNet's own state dict is untouched by the adapter (hooks, not module surgery).
+    assert not any("spatial" in k or "fuser" in k for k in model.unet.state_dict())
+
+
+def test_cross_box_mask_confines_attention_to_boxes(tiny_stack_dir):
+    model = make_model(tiny_stack_dir, **{"adapter.spatial.injection": "cross"})
+    sa = model.adapter.spatial
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, False]])
+    sa.set_layout(torch.zeros(1, 2, model.llm_dim), boxes, mask, (16, 16))
+    m = sa._box_mask(64)  # an 8x8 token grid
+    assert m.shape == (1, 64, 3)
+    grid = m[0, :, 0].view(8, 8)
+    assert grid[:4, :4].all() and not grid[4:, :].any() and not grid[:, 4:].any()
+    assert not m[0, :, 1].any(), "padding slots are never attended"
+    assert m[0, :, 2].all(), "the null token is always visible"
+
+
+def test_encode_prompt_matches_kolors_pipeline(tiny_stack, tiny_stack_dir):
+    from diffusers import KolorsPipeline
+
+    pipe = KolorsPipeline.from_pretrained(tiny_stack_dir)
+    texts = ["白色背景上有一个红色圆形", "一只橘猫趴在沙发上"]
+    ref_embeds, _, ref_pooled, _ = pipe.encode_prompt(
+        texts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=32
+    )
+    embeds, pooled = encode_prompt(pipe.text_encoder, pipe.tokenizer, texts, 32)
+    torch.testing.assert_close(embeds, ref_embeds)
+    torch.testing.assert_close(pooled, ref_pooled)
+
+
+# What each mode must (and must not) train. Everything frozen never gets a gradient.
+EXPECTED = {
+    "captioning": {"visual_prefix"},
+    "retrieval": {"img_tokens", "text_proj", "image_proj", "logit_scale"},
+    "generation": {"img_tokens", "mapper", "spatial"},
+}
+
+
+@pytest.mark.parametrize("injection", ["self", "cross"])
+@pytest.mark.parametrize("mode", list(EXPECTED))
+def test_mode_loss_is_finite_and_only_intended_trainables_get_gradients(tiny_stack_dir, batch, mode, injection):
+    model = make_model(tiny_stack_dir, **{"adapter.spatial.injection": injection, "layout_dropout": 0.0})
+    # Open the gates so the spatial adapter's inner weights are on the gradient path too.
+    with torch.no_grad():
+        for layer in model.adapter.spatial.layers:
+            layer.gate.fill_(0.1)
+    out = model(batch, mode)
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    frozen_with_grad = {n for n in with_grad if not n.startswith("adapter.")}
+    assert not frozen_with_grad
+    parts = {n.split(".")[1] for n in with_grad}
+    assert parts == EXPECTED[mode]
+    # Within an intended part, every parameter on the path trains (e.g. all spatial layers).
+    if mode == "generation":
+        spatial = [n for n, _ in model.adapter.spatial.named_parameters()]
+        missing = [n for n in spatial if f"adapter.spatial.{n}" not in with_grad]
+        # null embeddings only get gradient from empty slots; the null token exists only for "cross"
+        assert all("null" in n for n in missing), missing
+
+
+def test_captioning_loss_uses_the_visual_prefix(tiny_stack_dir, batch):
+    model = make_model(tiny_stack_dir)
+    base = model(batch, "captioning")["loss"].item()
+    with torch.no_grad():
+        model.adapter.visual_prefix.weight.mul_(5)
+        model.adapter.visual_prefix.bias.add_(1)
+    assert model(batch, "captioning")["loss"].item() != pytest.approx(base)
+
+
+def test_modes_are_deterministic_given_the_model_seed(tiny_stack_dir, batch):
+    model = make_model(tiny_stack_dir)
+    model.seed(7)
+    a = model(batch, "generation")["loss"]
+    model.seed(7)
+    b = model(batch, "generation")["loss"]
+    assert torch.equal(a, b)
+
+
+def test_default_spatial_adapter_fits_the_budget_at_kolors_scale():
+    from gill.adapter import GillAdapter
+    from gill.stack import build_random_modules
+
+    adapter_cfg = OmegaConf.merge(
+        OmegaConf.load(MODEL_CFG).adapter, OmegaConf.load("conf/model/kolors.yaml").adapter
+    )
+    modules = build_random_modules(device="meta", dtype=torch.bfloat16)
+    with torch.device("meta"):
+        adapter = GillAdapter(adapter_cfg, llm_dim=4096, vision_dim=768, prompt_len=256, unet=modules["unet"])
+    groups = adapter.parameter_groups()
+    spatial = groups["spatial: grounding tokenizer"] + groups["spatial: gated injections"]
+    assert len(adapter.spatial.layers) == 70
+    assert 20e6 < spatial <= 60e6, spatial

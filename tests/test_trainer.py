@@ -1,0 +1,350 @@
+"""The DeepSpeed trainer on CPU: exact parity with plain PyTorch, one graph at a time, two real
+ranks, exact resume after a kill, crash-safe checkpoints, and config contradictions caught early."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from gill import distributed
+from gill.checkpoint import MARKER, CheckpointManager
+from gill.data.collate import collate_layout
+from gill.data.synthetic import SyntheticLayoutDataset
+from gill.ds_config import ConfigError, build_ds_config
+from gill.model import MODES, GillModel
+from gill.recipe import build_engine
+from gill.stack import load_stack
+from gill.trainer import optimizer_step
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def compose_cfg(*overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def micro_batches(n, size, seed=5):
+    ds = SyntheticLayoutDataset(n * size, resolution=64, seed=seed)
+    return [collate_layout([ds[i * size + j] for j in range(size)]) for i in range(n)]
+
+
+def train_cmd(stack_dir, out, *extra, launcher=(sys.executable,)):
+    return [*launcher, str(ROOT / "train_ds.py"), f"model.pretrained_path={stack_dir}",
+            f"train.output_dir={out}", "data.val=null", *extra]
+
+
+# ---- parity ---------------------------------------------------------------------------------------
+
+
+def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir):
+    """3 modes x grad_accum 2, per-mode backward, CPU-offloaded optimizer: the first update is
+    compared element-wise; the gradients of a second step prove nothing leaks across steps."""
+    cfg = compose_cfg(
+        f"model.pretrained_path={tiny_stack_dir}", "train.micro_batch_size=2", "train.grad_accum=2",
+        "train.lr=0.01", "train.grad_clip=1.0", "train.mode_weights.retrieval=0.5", "model.layout_dropout=0.5",
+    )
+    ds_config = build_ds_config(cfg, 1, on_gpu=False)
+    assert ds_config["zero_optimization"]["stage"] == 2
+    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds_config["gradient_accumulation_steps"] == 6
+    distributed.init(torch.device("cpu"))
+    engine = build_engine(cfg, ds_config, torch.device("cpu"), 10)
+    assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+
+    stack = load_stack(cfg.model, device="cpu", dtype=torch.float32)
+    ref = GillModel(stack, cfg.model)
+    ref.adapter.load_state_dict(engine.module.adapter.state_dict())
+    params = ref.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=0.01, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    ds_params = dict(engine.module.named_parameters())
+    modes, weights = list(cfg.train.modes), dict(cfg.train.mode_weights)
+
+    for step in range(2):
+        batches = micro_batches(2, 2, seed=10 + step)
+        engine.module.seed(step)
+        ref.seed(step)
+        before = {n: p.detach().clone() for n, p in zip(names, params)}
+
+        ds_grads = {}
+
+        def probe(eng):
+            from deepspeed.utils import safe_get_full_grad
+
+            for n in names:
+                g = safe_get_full_grad(ds_params[n])
+                ds_grads[n] = None if g is None else g.detach().clone()
+
+        optimizer_step(engine, batches, modes, weights, before_update=probe)
+
+        opt.zero_grad(set_to_none=True)
+        for b in batches:
+            for mode in modes:
+                (ref(b, mode)["loss"] * weights[mode] / (len(modes) * len(batches))).backward()
+        ref_grads = {n: p.grad.detach().clone() if p.grad is not None else None for n, p in zip(names, params)}
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+        for n, p in zip(names, params):
+            g_ref, g_ds = ref_grads[n], ds_grads[n]
+            if g_ref is None:
+                assert g_ds is None or not g_ds.any(), n
+            else:
+                # fp32 sums in another order: ~1e-5 on gradients whose terms cancel (the gates)
+                err = (g_ds - g_ref).abs().max() / g_ref.abs().max().clamp(min=1e-30)
+                assert err <= 5e-5, (step, n, float(err))
+            if step == 0:
+                # From step 2 on, Adam's second moment turns gradients that are pure rounding
+                # noise (e.g. attention key biases, exactly 0 in exact arithmetic) into +-lr
+                # updates of random sign, so only the first update is compared element-wise.
+                update = p.detach() - before[n]
+                diff = (ds_params[n].detach() - p.detach()).abs().max()
+                assert diff <= 1e-5 * update.abs().max().clamp(min=1e-12), (step, n, float(diff))
+        # Parameters only one mode touches did move (and equally in both).
+        for n in ("adapter.visual_prefix.weight", "adapter.text_proj.weight", "adapter.mapper.proj_in.weight"):
+            assert not torch.equal(dict(zip(names, params))[n], before[n]), n
+    # After step 1 opened the gates, step 2 trained every spatial layer's inner weights too.
+    assert ref_grads["adapter.spatial.layers.0.proj_in.weight"].abs().sum() > 0
+
+
+# ---- one graph at a time --------------------------------------------------------------------------
+
+
+class SavedTensorMeter:
+    """Peak bytes held by autograd's saved tensors (alive until their graph is freed)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda packed: packed[1])
+
+    def _release(self, n):
+        self.live -= n
+
+    def _pack(self, t):
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+        class Token:
+            pass
+
+        token = Token()
+        weakref.finalize(token, self._release, n)
+        return token, t
+
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+
+def test_per_mode_backward_keeps_one_graph_alive(tiny_stack_dir):
+    cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", "train.micro_batch_size=4")
+    distributed.init(torch.device("cpu"))
+    engine = build_engine(cfg, build_ds_config(cfg, 1, on_gpu=False), torch.device("cpu"), 10)
+    batch = micro_batches(1, 4)[0]
+    model = engine.module
+
+    singles = {}
+    for mode in MODES:
+        model.seed(0)
+        with SavedTensorMeter() as m:
+            model(batch, mode)["loss"].backward()
+        singles[mode] = m.peak
+    model.zero_grad(set_to_none=True)
+
+    model.seed(0)
+    with SavedTensorMeter() as per_mode:
+        optimizer_step(engine, [batch], list(MODES), {})
+    model.seed(0)
+    with SavedTensorMeter() as summed:  # the seed's original code: one backward of the sum
+        sum(model(batch, mode)["loss"] for mode in MODES).backward()
+
+    assert per_mode.peak <= max(singles.values()) * 1.05, (per_mode.peak, singles)
+    assert summed.peak >= sum(singles.values()) * 0.95, (summed.peak, singles)
+    assert per_mode.peak < summed.peak * 0.9
+
+
+# ---- config contradictions -------------------------------------------------------------------------
+
+
+def test_contradictions_are_refused_naming_both_values():
+    cfg = compose_cfg("+deepspeed.overrides.train_micro_batch_size_per_gpu=4", "train.micro_batch_size=2")
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=4.*2"):
+        build_ds_config(cfg, 1, on_gpu=False)
+    cfg = compose_cfg("+deepspeed.overrides.gradient_accumulation_steps=2", "train.grad_accum=1")
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=2.*3"):  # 3 modes x 1
+        build_ds_config(cfg, 1, on_gpu=False)
+    cfg = compose_cfg("+deepspeed.overrides.gradient_clipping=0.5", "train.grad_clip=1.0")
+    with pytest.raises(ConfigError, match="gradient_clipping"):
+        build_ds_config(cfg, 1, on_gpu=False)
+    cfg = compose_cfg("train.modes=[captioning,painting]")
+    with pytest.raises(ConfigError, match="painting"):
+        build_ds_config(cfg, 1, on_gpu=False)
+
+
+def test_contradiction_fails_before_any_model_loads(tmp_path):
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_ds.py"), f"train.output_dir={tmp_path}",
+         "+deepspeed.overrides.train_batch_size=999", "model.pretrained_path=/nonexistent"],
+        capture_output=True, text=True, env=ENV, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "train_batch_size=999" in proc.stderr and "6" in proc.stderr
+    assert "Loading weights" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "checkpoints").exists()
+    assert time.time() - t0 < 60
+
+
+# ---- two ranks --------------------------------------------------------------------------------------
+
+
+def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
+                  "train.mode_weights.captioning=0.5", launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29533")),
+        capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 3
+    # Retrieval negatives: 2 ranks x 2 samples -> 3 negatives per query (1 would mean local only).
+    assert all(r["retrieval/negatives"] == 3 for r in train)
+    final = [r for r in records if r["split"] == "final"][-1]
+    assert final["replicas_identical"] == 1.0
+    assert (out / "adapter.safetensors").exists() and (out / "checkpoints" / "step_00000003" / MARKER).exists()
+    # One run folder, written by rank 0 only: no stray per-rank folders, one .hydra.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert (out / ".hydra").is_dir()
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+
+
+def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path):
+    common = ("train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.seed=3")
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(tiny_stack_dir, straight, *common), check=True, env=ENV, timeout=600,
+                   capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_stack_dir, killed, *common), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_00000002" / MARKER).exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no chance to save
+    proc.wait()
+    done = CheckpointManager(killed).complete()
+    assert done and int(done[-1].name.split("_")[1]) < 6, "the kill came too late to test resume"
+
+    subprocess.run(train_cmd(tiny_stack_dir, killed, *common, "train.resume=auto"), check=True, env=ENV,
+                   timeout=600, capture_output=True)
+    a = load_file(straight / "adapter.safetensors")
+    b = load_file(killed / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps[-1] == 6 and max(steps) == 6
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(tiny_stack_dir, out, "train.max_steps=1000", "train.save_every=0"),
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    latest = CheckpointManager(out).latest()
+    assert latest is not None and (out / "adapter.safetensors").exists()
+    assert 1 <= int(latest.name.split("_")[1]) < 1000
+
+
+# ---- crash-safe checkpoints -------------------------------------------------------------------------
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tiny_stack_dir, tmp_path):
+    cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}")
+    distributed.init(torch.device("cpu"))
+    engine = build_engine(cfg, build_ds_config(cfg, 1, on_gpu=False), torch.device("cpu"), 10)
+    ckpt = CheckpointManager(tmp_path, keep_last=2)
+    optimizer_step(engine, micro_batches(1, 2), list(MODES), {})
+    first = ckpt.save(engine, 1, {"step": 1})
+    saved = {k: v.clone() for k, v in engine.module.adapter.state_dict().items()}
+
+    optimizer_step(engine, micro_batches(1, 2, seed=9), list(MODES), {})
+    real_save = engine.save_checkpoint
+
+    def crashing_save(save_dir, tag=None, **kw):
+        real_save(save_dir, tag=tag, **kw)  # files are on disk...
+        raise KeyboardInterrupt("killed mid-save")  # ...but the save never completes
+
+    engine.save_checkpoint = crashing_save
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(engine, 2, {"step": 2})
+    engine.save_checkpoint = real_save
+    assert ckpt.resolve("auto") == first
+    state = CheckpointManager.load(engine, ckpt.resolve("auto"))
+    assert state["step"] == 1
+    for k, v in engine.module.adapter.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    # The next successful save cleans the debris and rotation keeps the last two.
+    for step in (3, 4, 5):
+        ckpt.save(engine, step, {"step": step})
+    assert [p.name for p in ckpt.complete()] == ["step_00000004", "step_00000005"]
+    assert not list((tmp_path / "checkpoints" / ".tmp").iterdir())
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tiny_stack_dir, tmp_path, monkeypatch):
+    from gill import modes as mode_fns
+    from gill.trainer import NonFiniteLossError, Trainer
+
+    cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", "train.max_bad_steps=2", "train.max_steps=5",
+                      "train.save_every=1", "data.val=null")
+    distributed.init(torch.device("cpu"))
+    engine = build_engine(cfg, build_ds_config(cfg, 1, on_gpu=False), torch.device("cpu"), 10)
+    from gill.recipe import build_loader
+
+    loader, sampler = build_loader(SyntheticLayoutDataset(16, resolution=64), cfg.train, True, 0)
+    trainer = Trainer(cfg, engine, loader, sampler, None, {}, tmp_path)
+    real = mode_fns.retrieval
+    calls = {"n": 0}
+
+    def sometimes_nan(model, batch):
+        calls["n"] += 1
+        out = real(model, batch)
+        if calls["n"] >= 2:  # step 1 is clean, then every step is poisoned
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(mode_fns, "retrieval", sometimes_nan)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive"):
+        trainer.fit()
+    after_clean = load_file(tmp_path / "adapter.safetensors")  # exported at step 1
+    final = {k: v.float() for k, v in engine.module.adapter.state_dict().items()}
+    for k, v in after_clean.items():
+        assert torch.isfinite(v).all()
+        assert torch.equal(v, final[k]), f"a skipped step changed {k}"
+    assert [p.name for p in CheckpointManager(tmp_path).complete()] == ["step_00000001"]
