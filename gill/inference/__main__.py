@@ -133,7 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     common.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 | auto (default: the stored config's)")
 
-    p = argparse.ArgumentParser(prog="python -m gill.inference", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m gill.inference",
+        description="Inference with a trained GILL adapter: layout-controlled generation, captioning, retrieval. "
+        "See docs/inference.md.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", parents=[common], help="layout-controlled text-to-image")
