@@ -34,12 +34,14 @@ class PhraseCache:
 
     def __call__(self, model: "GillModel", labels: list[list[str]], num_slots: int) -> torch.Tensor:
         missing = sorted({lab for row in labels for lab in row if lab not in self._cache})
-        if missing:
+        for lab in missing:
+            # One label at a time, unpadded: a label's vector must not depend on which other labels
+            # happened to be encoded with it (padding changes the arithmetic in the last bits, and
+            # that would make a resumed run differ from an uninterrupted one).
             _, pooled = encode_prompt(
-                model.text_encoder, model.tokenizer, missing, model.phrase_max_length, model.device, padding="longest"
+                model.text_encoder, model.tokenizer, [lab], model.phrase_max_length, model.device, padding="longest"
             )
-            for lab, vec in zip(missing, pooled):
-                self._cache[lab] = vec
+            self._cache[lab] = pooled[0]
         out = torch.zeros(len(labels), num_slots, model.llm_dim, device=model.device, dtype=model.dtype)
         for i, row in enumerate(labels):
             for j, lab in enumerate(row[:num_slots]):
