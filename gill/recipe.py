@@ -17,6 +17,7 @@ from gill import distributed
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
 from gill.ds_config import build_ds_config, resolve_precision
+from gill.ds_workarounds import make_cpu_adam_history_free
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
         config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
     )
+    make_cpu_adam_history_free(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return engine
 
 

@@ -21,6 +21,7 @@ import torch
 
 from gill import distributed
 from gill.checkpoint import CheckpointManager, export_adapter
+from gill.ds_workarounds import touch_all_trainables
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,6 @@ class NonFiniteLossError(RuntimeError):
 def zero_surrogate(model) -> torch.Tensor:
     """A zero loss with a graph: lets a rank take part in the backward without touching weights."""
     return model.adapter.logit_scale * 0.0
-
-
-def touch_all_trainables(model) -> torch.Tensor:
-    """A zero term that gives *every* trainable a (zero) gradient in this backward.
-
-    Added to the first and the last backward of each optimizer step, because DeepSpeed 0.19.8's
-    ZeRO-2 with the optimizer offloaded accumulates per-parameter gradients in CPU buffers that are
-    (a) reset only by a gradient in the step's first backward, and (b) copied to the fp32 optimizer
-    buffer only by a gradient in the boundary backward. Without this, a parameter used by one mode
-    only (the visual prefix, the retrieval heads) silently gets no update, or carries the previous
-    step's gradient into the next. The parity test (tests/test_trainer.py) catches both.
-    """
-    return sum(p.reshape(-1)[0] * 0.0 for p in model.trainable_parameters())
 
 
 def set_lr(engine, lr: float) -> None:

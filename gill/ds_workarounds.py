@@ -1,0 +1,46 @@
+"""Workarounds for DeepSpeed 0.19.8 behaviour that breaks exactness, each pinned by a test.
+
+* :func:`touch_all_trainables` — ZeRO-2 with the optimizer offloaded loses or leaks gradients of
+  parameters that do not get a gradient in every backward (tests/test_trainer.py parity test).
+* :func:`make_cpu_adam_history_free` — DeepSpeedCPUAdam's bias correction depends on the
+  process's history, so a resumed run drifts from an uninterrupted one (resume test).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def touch_all_trainables(model) -> torch.Tensor:
+    """A zero term that gives *every* trainable a (zero) gradient in this backward.
+
+    Added to the first and the last backward of each optimizer step, because ZeRO-2 with the
+    optimizer offloaded accumulates per-parameter gradients in CPU buffers that are (a) reset only
+    by a gradient in the step's first backward, and (b) copied to the fp32 optimizer buffer only by
+    a gradient in the boundary backward. Without this, a parameter that one mode alone uses (the
+    visual prefix, the retrieval heads) silently gets no update, or carries the previous step's
+    gradient into the next.
+    """
+    return sum(p.reshape(-1)[0] * 0.0 for p in model.trainable_parameters())
+
+
+def make_cpu_adam_history_free(optimizer) -> bool:
+    """Make DeepSpeedCPUAdam compute ``beta ** step`` afresh every step (returns whether patched).
+
+    Its C++ kernel keeps ``beta ** step`` as a running product across calls and recomputes it with
+    ``pow`` only when the betas change or the step jumps, which a resumed process does and an
+    uninterrupted one does not: the two then differ in the last bits of every update. A one-element
+    dummy update with other betas before each step sends the real step down the ``pow`` path.
+    """
+    if type(optimizer).__name__ != "DeepSpeedCPUAdam":
+        return False
+    dummy = [torch.zeros(1) for _ in range(4)]
+    real_step = optimizer.step
+
+    def step(self, closure=None):
+        self.ds_opt_adam.adam_update(self.opt_id, 1, 0.0, 0.5, 0.5, 1e-8, 0.0, True, *dummy)
+        return real_step(closure)
+
+    optimizer.step = types.MethodType(step, optimizer)
+    return True
