@@ -15,15 +15,13 @@ Three presets, selected by `model_cfg.name` (DESIGN §3, §9):
 Every module is frozen: ``requires_grad_(False)``, ``.eval()``, cast to the dtype, moved to the device.
 No ``trust_remote_code`` anywhere: ChatGLM comes from ``diffusers.pipelines.kolors``.
 
-CLI: ``python -m gill.stack model=kolors_random`` prints the per-component parameter table
-(built on the meta device on CPU, so nothing is allocated).
+The parameter table of a preset (stack and adapter): ``python -m gill.params model=kolors_random``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -372,28 +370,3 @@ def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
 def stack_parameter_rows(stack_or_modules) -> list[tuple[str, int]]:
     mods = stack_or_modules.modules() if isinstance(stack_or_modules, KolorsStack) else stack_or_modules
     return [(name, count_parameters(m)) for name, m in mods.items()]
-
-
-def main(argv: list[str] | None = None) -> str:
-    """`python -m gill.stack model=kolors_random [device=cuda] [dtype=bf16]` -> parameter table."""
-    from omegaconf import OmegaConf
-
-    args = OmegaConf.from_dotlist(list(sys.argv[1:] if argv is None else argv))
-    name = args.get("model", "kolors_random")
-    if not isinstance(name, str):  # allow model.name=... too
-        name = name.get("name", "kolors_random")
-    device = args.get("device", "cpu")
-    if name == "kolors_random":
-        dev = "meta" if device == "cpu" else device  # count without allocating 9B params on CPU
-        rows = stack_parameter_rows(build_random_modules(dev, resolve_dtype(args.get("dtype"), device)))
-    else:
-        cfg = {k: args.get(k) for k in ("pretrained_path", "vision_path", "cache_dir", "dtype")}
-        cfg["name"] = name
-        rows = stack_parameter_rows(load_stack(cfg, device=device))
-    table = parameter_table(rows)
-    print(f"model={name}\n{table}")
-    return table
-
-
-if __name__ == "__main__":
-    main()
