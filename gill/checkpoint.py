@@ -72,7 +72,8 @@ class CheckpointManager:
         tag = f"step_{step:08d}"
         tmp_root = self.root / ".tmp"
         if distributed.is_main():
-            shutil.rmtree(tmp_root / tag, ignore_errors=True)  # a save that crashed earlier
+            for stale in tmp_root.glob("step_*"):  # saves that crashed earlier
+                shutil.rmtree(stale, ignore_errors=True)
             tmp_root.mkdir(parents=True, exist_ok=True)
         distributed.barrier()
         engine.save_checkpoint(
