@@ -298,8 +298,7 @@ def test_overlay_draws_boxes_and_labels():
 
 
 def test_overlay_cjk_font_renders_distinct_glyphs():
-    if cjk_font_path() is None:
-        pytest.skip("pylopdf-fonts-zh-cn not installed")
+    assert cjk_font_path() is not None, "pylopdf-fonts-zh-cn is an install requirement"
     a = np.asarray(draw_layout(Image.new("RGB", (96, 96)), [("橘", (0, 0, 1, 1))]))
     b = np.asarray(draw_layout(Image.new("RGB", (96, 96)), [("猫", (0, 0, 1, 1))]))
     assert not np.array_equal(a, b)  # tofu boxes would be identical
