@@ -152,3 +152,21 @@ def test_default_spatial_adapter_fits_the_budget_at_kolors_scale():
     spatial = groups["spatial: grounding tokenizer"] + groups["spatial: gated injections"]
     assert len(adapter.spatial.layers) == 70
     assert 20e6 < spatial <= 60e6, spatial
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
+    grads = {}
+    for on in (False, True):
+        model = make_model(tiny_stack_dir, **{"gradient_checkpointing.unet": on,
+                                              "gradient_checkpointing.text_encoder": on})
+        assert model.unet.is_gradient_checkpointing == on and model.text_encoder.is_gradient_checkpointing == on
+        with torch.no_grad():
+            for layer in model.adapter.spatial.layers:
+                layer.gate.fill_(0.1)
+        for mode in EXPECTED:
+            model.seed(1)
+            model(batch, mode)["loss"].backward()  # the spatial hooks must survive recomputation
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7)
