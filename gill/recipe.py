@@ -67,10 +67,15 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
         model=model,
         model_parameters=model.trainable_parameters(),
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched),
+        lr_scheduler=lambda optimizer: make_scheduler(optimizer, sched),
     )
-    make_cpu_adam_history_free(getattr(engine.optimizer, "optimizer", engine.optimizer))
     return engine
+
+
+def make_scheduler(optimizer, lr_fn):
+    """DeepSpeed hands its base optimizer here; patch it before the scheduler wraps its ``step``."""
+    make_cpu_adam_history_free(optimizer)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
 
 
 def run(cfg, hydra_output_dir: str | None = None) -> dict:
