@@ -47,7 +47,8 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
 
     A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
     backward is collective), and the update is skipped by running the boundary step at lr 0: no
-    poisoned value reaches the weights. ``metrics["skipped"]`` says so.
+    poisoned value reaches the weights (Adam's moments still take in the step's finite gradients).
+    ``metrics["skipped"]`` says so.
     """
     model = engine.module
     sums: dict[str, float] = {}
@@ -66,9 +67,8 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
                 loss = zero_surrogate(model)
             if i in (1, n_micro):
                 loss = loss + touch_all_trainables(model)
-            if i == n_micro:
-                if poisoned:
-                    set_lr(engine, 0.0)  # the scheduler's step right after restores it
+            if i == n_micro and poisoned:
+                set_lr(engine, 0.0)  # the scheduler's step right after restores it
             engine.backward(loss)
             if i == n_micro and before_update is not None:
                 before_update(engine)
