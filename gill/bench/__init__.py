@@ -1,0 +1,1 @@
+"""Benchmarks that measure what the adapter learned (``python -m gill.bench.grounding``)."""

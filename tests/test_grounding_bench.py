@@ -1,0 +1,89 @@
+"""The grounding benchmark, reduced for CI: the trained spatial adapter must put the requested shapes
+in their boxes clearly better than the same frozen stand-in stack without it.
+
+`python -m gill.bench.grounding --preset ci` in one process: stand-in stack (fixed pixel-space VAE +
+a UNet pretrained for a few hundred steps), adapter trained by the project's trainer, held-out layouts
+generated with the adapter on and off, scored by the colour detector. Everything is seeded.
+"""
+import numpy as np
+import pytest
+import torch
+
+from gill.bench import detector, grounding
+from gill.data.collate import collate_layout
+from gill.data.synthetic import SyntheticLayoutDataset
+
+MIN_GAP = 0.15  # placement(adapter on) - placement(adapter off)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_detector_scores_real_images_perfectly():
+    ds = SyntheticLayoutDataset(100, 64, split="test")
+    dets = []
+    for i in range(len(ds)):
+        item = ds[i]
+        dets += detector.detect(item["image"], [(o["label"], o["bbox"]) for o in item["objects"]])
+    s = detector.summarize(dets)
+    assert s["miou"] > 0.99 and s["success"] > 0.99, s
+    # a blank image finds nothing; a shape in the wrong place scores 0
+    blank = ds[0]["image"].copy()
+    blank.paste((245, 245, 245), (0, 0, 64, 64))
+    assert detector.detect(blank, [("红色圆形", (0.1, 0.1, 0.4, 0.4))])[0].iou == 0.0
+
+
+def test_pixel_vae_round_trip_is_pooling_and_upsampling():
+    vae = grounding.build_pixel_vae()
+    ds = SyntheticLayoutDataset(16, 64, split="test")
+    items = [ds[i] for i in range(16)]
+    x = grounding._images_tensor(items, "cpu")
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        assert torch.allclose(dist.mean[:, :3], pooled, atol=1e-3)
+        assert dist.mean[:, 3].abs().max() < 1e-6 and dist.std.max() < 1e-6
+        rec = vae.decode(dist.mean).sample
+    assert torch.allclose(rec, torch.nn.functional.interpolate(pooled, scale_factor=4), atol=1e-3)
+    # The detector on round-tripped real images: the ceiling any generator behind this VAE can reach
+    # (measured on 200 test images: mIoU 0.72, success 0.91; 4x4 pooling blurs the shapes' edges).
+    imgs = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().numpy().astype(np.uint8)
+    dets = []
+    for img, item in zip(imgs, items):
+        dets += detector.detect(img, [(o["label"], o["bbox"]) for o in item["objects"]])
+    s = detector.summarize(dets)
+    assert s["miou"] > 0.6 and s["success"] > 0.75, s
+
+
+def test_render_validation_images(tiny_stack, tmp_path):
+    from omegaconf import OmegaConf
+
+    from gill.model import GillModel
+
+    model = GillModel(tiny_stack, OmegaConf.load(grounding.REPO / "conf" / "model" / "tiny.yaml"))
+    try:
+        ds = SyntheticLayoutDataset(2, 64, split="val")
+        batch = collate_layout([ds[0], ds[1]])
+        paths = grounding.render_validation_images(model, batch, tmp_path, step=7, max_images=2, steps=2)
+        assert [p.parent.name for p in paths] == ["step_00000007"] * 2
+        assert all(p.is_file() for p in paths)
+    finally:
+        model.adapter.spatial.detach()  # the session stack is shared: leave its UNet unhooked
+
+
+def test_adapter_beats_no_adapter(tmp_path):
+    """The reduced benchmark. The margin is asserted on colour-agnostic placement (of all object-coloured
+    pixels, the fraction inside the requested boxes): the adapter clearly learns *where* in a CI budget,
+    while the stand-in's colour fidelity keeps the colour-IoU low with or without it (see
+    docs/grounding_benchmark.md), so mIoU is only required not to get worse."""
+    res = grounding.run_benchmark("ci", ["cross"], tmp_path, torch.device("cpu"))
+    on, off = res["injection"]["cross"]["on"], res["off"]
+    print(f"ci grounding: on {on}  off {off}  total {res['total_s']:.0f}s")
+    assert on["fg_in_box"] - off["fg_in_box"] >= MIN_GAP, (on, off)
+    assert on["box_covered"] - off["box_covered"] >= MIN_GAP, (on, off)
+    assert on["miou"] >= off["miou"], (on, off)
