@@ -214,7 +214,10 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
-                  "train.mode_weights.captioning=0.5", launcher=("deepspeed", "--num_gpus", "2", "--master_port", "29533")),
+                  "train.mode_weights.captioning=0.5",
+                  # the `deepspeed` launcher of this interpreter, whether or not its venv is on PATH
+                  launcher=(sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+                            "--master_port", "29533")),
         capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
