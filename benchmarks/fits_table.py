@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""The "what fits where" table of docs/performance.md, from the memory planner (gill.plan).
+
+    python benchmarks/fits_table.py > /tmp/fits.md
+
+For each card (24 GiB x 1 and x 3, 48, 80, 141) and recipe, the largest micro-batch per GPU (of
+1, 2, 4, 8, 16) whose predicted device peak (reserved + CUDA context) fits, at 1024² and 512².
+Rows the GPU benchmark measured (benchmarks/step_benchmark.json) are marked.
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gill.plan import GiB, plan  # noqa: E402
+
+CARDS = [("24 GB x1", 24, 1), ("24 GB x3", 24, 3), ("48 GB", 48, 1), ("80 GB", 80, 1), ("141 GB (H200)", 139.8, 1)]
+RECIPES = {
+    "default (zero2_offload, ckpt UNet+ChatGLM, raw images)": ([], False, "deepspeed"),
+    "cached features + ckpt UNet only (zero2_offload)": (["model.gradient_checkpointing.text_encoder=false"], True, "deepspeed"),
+    "cached features + ckpt UNet only, plain AdamW on GPU": (["model.gradient_checkpointing.text_encoder=false"], True, "torch"),
+    "cached features, no checkpointing (zero2)": (["model.gradient_checkpointing.unet=false",
+                                                   "model.gradient_checkpointing.text_encoder=false", "deepspeed=zero2"], True, "deepspeed"),
+}
+MEASURED = {  # (recipe key, res, mb) -> benchmark variant measured under the 24 GiB cap / uncapped
+    ("default (zero2_offload, ckpt UNet+ChatGLM, raw images)", 1024): ("default", 24.0),
+    ("default (zero2_offload, ckpt UNet+ChatGLM, raw images)", 512): ("default", 24.0),
+    ("cached features + ckpt UNet only (zero2_offload)", 1024): ("tuned", 24.0),
+    ("cached features + ckpt UNet only, plain AdamW on GPU", 1024): ("tuned-torch", 24.0),
+}
+
+
+def compose(overrides):
+    from hydra import compose as hc
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hc("config", overrides=list(overrides))
+
+
+def main():
+    bench = json.loads((ROOT / "benchmarks/step_benchmark.json").read_text())["rows"]
+    ok = {(r["variant"], r["res"], r["mb"], r.get("cap_gib")) for r in bench if r["status"] == "ok"}
+    print("| card | recipe | largest micro-batch 1024² | largest micro-batch 512² | predicted peak at mb 1, 1024² |")
+    print("|---|---|---:|---:|---:|")
+    for card, gib, world in CARDS:
+        for name, (ov, cached, opt) in RECIPES.items():
+            cells, peak1 = [], None
+            for res in (1024, 512):
+                best = None
+                for mb in (1, 2, 4, 8, 16):
+                    cfg = compose(["model=kolors_random", f"train.resolution={res}", f"train.micro_batch_size={mb}", *ov])
+                    p = plan(cfg, world, gib, cached, opt, torch.bfloat16)
+                    if res == 1024 and mb == 1:
+                        peak1 = p.device_peak
+                    if not p.fits:
+                        break
+                    best = mb
+                cell = ("≥ 16" if best == 16 else str(best)) if best else "does not fit"
+                m = MEASURED.get((name, res))
+                if m and best and world == 1 and gib == 24 and (m[0], res, best, m[1]) in ok:
+                    cell += " (measured)"
+                cells.append(cell)
+            print(f"| {card} | {name} | {cells[0]} | {cells[1]} | {peak1 / GiB:.1f} GiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,556 @@
+#!/usr/bin/env python
+"""Training-step benchmark: memory and speed of one full three-mode optimizer step (issue 5).
+
+One process, one frozen stack (``kolors_random`` at real Kolors dimensions, bf16 on the GPU; ``--tiny``
+runs the tiny stack on the CPU to test the script), and for each strategy a fresh adapter + optimizer:
+
+==========  ==============================================================================================
+``naive``    the seed's original code: the three losses summed, one backward, torch AdamW on the GPU
+``A``        per-mode backward (forward -> backward -> graph freed, per mode), torch AdamW on the GPU
+``A+B``      A + gradient checkpointing of UNet and ChatGLM (the seed's best plain-PyTorch recipe)
+``A+B+C``    A+B with ZeRO-2 and the optimizer state on the CPU (DeepSpeed, ``zero2_offload``)
+``default``  the project default recipe (``model=kolors_random deepspeed=zero2_offload``, as configured)
+``tuned``    default + the levers that measured well: cached VAE latents / CLIP features (the frozen
+             VAE and CLIP leave the GPU), selective checkpointing (UNet only)
+``tuned-z2``  tuned with ZeRO-2 keeping the optimizer state on the GPU (``deepspeed=zero2``)
+``tuned-torch``  tuned with a plain torch AdamW on the GPU instead of DeepSpeed
+``fast-nockpt``  tuned-z2 without checkpointing (uncapped, large micro-batch: the MFU row)
+``tuned-nockpt``   tuned without any checkpointing (for the uncapped, large-micro-batch rows)
+``tuned+compile``  tuned + regional ``torch.compile`` of the attention and feed-forward modules of the UNet's 70
+             transformer blocks (their ``forward``, so the spatial adapter's hooks stay outside the graphs;
+             compiling whole blocks recompiles per block because each hook closes over its block's name)
+==========  ==============================================================================================
+
+Grid: emulated 24 GiB card (``torch.cuda.set_per_process_memory_fraction``) and uncapped; 1024² and
+512²; micro-batch 1, 2, 4, ... until it does not fit (an OOM is a row, not a crash). Per row: peak
+reserved memory, samples/s (one sample = all three modes), time per mode (forward+backward; the
+naive row has forwards only plus one joint backward), and model-FLOP utilisation: FLOPs are counted
+once per resolution with ``torch.utils.flop_counter`` on a no-checkpointing, cached-input step at
+micro-batch 1 (recomputation and VAE/CLIP encoding are not model FLOPs) and scaled by micro-batch.
+
+    python benchmarks/step_benchmark.py                 # on the GPU machine (writes the .md/.json)
+    python benchmarks/step_benchmark.py --tiny          # CPU smoke test of every variant
+
+Results are written after every row (``--out-dir``, default ``benchmarks/``), so a run cut short still
+leaves its rows. Ratios are taken within one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GiB = 2**30
+PEAK_BF16_FLOPS = 790e12  # measured bf16 GEMM rate on this H200 (KINDS.md: 769-798 TFLOP/s)
+
+VARIANTS = {
+    "naive": dict(backward="summed", ckpt_unet=False, ckpt_te=False, engine="torch", cached=False),
+    "A": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="torch", cached=False),
+    "A+B": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="torch", cached=False),
+    "A+B+C": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2_offload", cached=False),
+    "default": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=False),
+    "tuned": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True),
+    "tuned-z2": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True),
+    "tuned-torch": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="torch", cached=True),
+    "fast-nockpt": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="zero2", cached=True),
+    "tuned-nockpt": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="zero2_offload", cached=True),
+    "tuned+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True,
+                          compile=True),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# config, stack, batch
+# ------------------------------------------------------------------------------------------------
+def compose(overrides):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hcompose("config", overrides=list(overrides))
+
+
+def make_batch(model_name: str, res: int, mb: int, cached: bool, device, dtype, llm_caption_repeat: int):
+    from gill.data.collate import collate_layout
+    from gill.data.synthetic import SyntheticLayoutDataset
+
+    ds = SyntheticLayoutDataset(mb, resolution=res, seed=1, min_objects=3, max_objects=3)
+    items = [ds[i] for i in range(mb)]
+    for it in items:  # real captions run to caption_max_tokens (77); synthetic ones are short
+        it["caption"] = "，".join([it["caption"]] * llm_caption_repeat)
+    batch = collate_layout(items)
+    if cached:
+        g = torch.Generator().manual_seed(0)
+        latent = res // (4 if model_name == "tiny" else 8)
+        vdim = 32 if model_name == "tiny" else 768
+        batch["latents"] = torch.randn(mb, 4, latent, latent, generator=g).to(device, dtype)
+        batch["vision_features"] = torch.randn(mb, vdim, generator=g).to(device, dtype)
+        del batch["images"]
+    return batch
+
+
+def set_checkpointing(model, unet: bool, te: bool):
+    if unet:
+        model.unet.enable_gradient_checkpointing()
+    else:
+        model.unet.disable_gradient_checkpointing()
+    if te:
+        model.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.text_encoder.gradient_checkpointing_disable()
+
+
+@contextlib.contextmanager
+def encoders_off_gpu(model, stack, cpu_copies: dict):
+    """Cached features: the frozen VAE and CLIP are not needed on the GPU. They are taken out of the
+    module tree (so DeepSpeed does not move them back) and parked on the CPU for the run."""
+    for name in ("vae", "vision"):
+        mod = model._modules.pop(name)
+        cpu_copies[name] = mod.to("cpu")
+        object.__setattr__(model, name, cpu_copies[name])
+    try:
+        yield
+    finally:
+        for name in ("vae", "vision"):
+            object.__delattr__(model, name)
+        # moved back to the GPU by restore_encoders(), after the caller freed this run's memory
+        # (moving them inside an OOM's unwinding would OOM again)
+
+
+def restore_encoders(stack):
+    dev = stack.unet.device
+    for name in ("vae", "vision"):
+        getattr(stack, name).to(dev)
+
+
+# ------------------------------------------------------------------------------------------------
+# one strategy at one (resolution, micro-batch)
+# ------------------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def ms(self, start):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            e.synchronize()
+            return start.elapsed_time(e)
+        return (time.perf_counter() - start) * 1e3
+
+
+def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device):
+    import deepspeed
+
+    from gill import distributed
+    from gill.ds_config import build_ds_config
+
+    distributed.init(device)
+    cfg = cfg.copy()
+    # build_ds_config refuses retrieval at one sample per step (no negatives); for the benchmark a
+    # one-sample InfoNCE is fine (same compute), so fill with 2 and patch the batch numbers back.
+    cfg.train.micro_batch_size = max(2, mb)
+    ds = build_ds_config(cfg, 1, on_gpu=device.type == "cuda")
+    ds["train_micro_batch_size_per_gpu"] = mb
+    ds["train_batch_size"] = mb * n_modes
+    ds["bf16"]["enabled"] = device.type == "cuda"
+    # DeepSpeedCPUAdam needs a JIT build (ninja, ~1-2 min) on a fresh machine; a torch AdamW on the
+    # CPU partition does the same maths (see NOTES.md for its cost at 50M params).
+    ds["zero_force_ds_cpu_optimizer"] = False
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
+    params = model.trainable_parameters()
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, config=ds,
+        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True),
+    )
+    return engine, offload
+
+
+def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype) -> dict:
+    from gill.model import GillModel
+    from gill.trainer import touch_all_trainables
+
+    spec = VARIANTS[variant]
+    modes = ["captioning", "retrieval", "generation"]
+    ckpt_unet = cfg.model.gradient_checkpointing.unet if spec["ckpt_unet"] is None else spec["ckpt_unet"]
+    ckpt_te = cfg.model.gradient_checkpointing.text_encoder if spec["ckpt_te"] is None else spec["ckpt_te"]
+    engine_kind = spec["engine"]
+    ds_file = cfg.deepspeed.file if engine_kind == "default" else f"{engine_kind}.json"
+    torch.manual_seed(0)
+    model = GillModel(stack, cfg.model)
+    set_checkpointing(model, ckpt_unet, ckpt_te)
+    cpu_copies: dict = {}
+    ctx = encoders_off_gpu(model, stack, cpu_copies) if spec["cached"] else contextlib.nullcontext()
+    engine = opt = None
+    row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
+               engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"])
+    compiled = []
+    try:
+        with ctx:
+            model.adapter.to(device, dtype)
+            model.train()
+            if spec.get("compile"):
+                for m in model.unet.modules():
+                    if type(m).__name__ == "BasicTransformerBlock":
+                        for sub in (m.attn1, m.attn2, m.ff):
+                            sub.forward = torch.compile(sub.forward, dynamic=False)
+                            compiled.append(sub)
+            batch = make_batch(cfg.model.name, res, mb, spec["cached"], device, dtype, args.caption_repeat)
+            if engine_kind == "torch":
+                opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, foreach=True)
+                fwd = model
+            else:
+                engine, _ = build_ds_engine(cfg, model, mb, len(modes), ds_file, device)
+                fwd = engine
+            timer = Timer(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            steps, per_mode, mode_peak = [], {m: [] for m in modes}, {m: 0 for m in modes}
+            for it in range(args.warmup + args.steps):
+                t0 = time.perf_counter()
+                if spec["backward"] == "summed":
+                    total = 0.0
+                    for m in modes:
+                        s = timer.start()
+                        total = total + fwd(batch, m)["loss"]
+                        per_mode[m].append(timer.ms(s))
+                    s = timer.start()
+                    total.backward()
+                    per_mode.setdefault("joint_backward", []).append(timer.ms(s))
+                    del total
+                else:
+                    for i, m in enumerate(modes):
+                        if device.type == "cuda":
+                            base = torch.cuda.memory_allocated()
+                            torch.cuda.reset_peak_memory_stats()
+                        s = timer.start()
+                        loss = fwd(batch, m)["loss"]
+                        if engine is not None:
+                            if i in (0, len(modes) - 1):  # the trainer's ZeRO-2 offload work-around
+                                loss = loss + touch_all_trainables(model)
+                            engine.backward(loss)
+                            engine.step()
+                        else:
+                            loss.backward()
+                        del loss
+                        per_mode[m].append(timer.ms(s))
+                        if device.type == "cuda":
+                            mode_peak[m] = max(mode_peak[m], torch.cuda.max_memory_allocated() - base)
+                if engine is None:
+                    s = timer.start()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    per_mode.setdefault("optimizer", []).append(timer.ms(s))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                steps.append(time.perf_counter() - t0)
+            timed = steps[args.warmup:]
+            dt = statistics.median(timed)
+            row.update(
+                status="ok",
+                step_s=dt,
+                samples_per_s=mb / dt,
+                ms_per_mode={k: round(statistics.median(v[args.warmup:] or v), 2) for k, v in per_mode.items() if v},
+                first_step_s=steps[0],
+            )
+            if device.type == "cuda":
+                row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+                row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
+                row["mode_act_peak_gib"] = {m: round(v / GiB, 3) for m, v in mode_peak.items()}
+    finally:
+        model.adapter.spatial.detach()
+        for m in compiled:
+            del m.forward  # back to the class's eager forward
+        if engine is not None and hasattr(engine, "destroy"):
+            with contextlib.suppress(Exception):
+                engine.destroy()
+    return row
+
+
+def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) -> dict:
+    """One row under an emulated card of ``cap`` GiB (0: uncapped); never raises."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / total) if cap else 1.0)
+    t0 = time.perf_counter()
+    try:
+        row = run_one(stack, cfg, variant, res, mb, args, device, dtype)
+    except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
+        row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
+                   ckpt_unet=VARIANTS[variant]["ckpt_unet"], ckpt_te=VARIANTS[variant]["ckpt_te"],
+                   status="OOM" if is_oom(e) else f"error: {type(e).__name__}", error=str(e)[:500])
+        if device.type == "cuda":
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+        del e
+    row["cap_gib"] = cap or None
+    if row["status"] == "ok":
+        fl = meta["flops"].get(str(res))
+        row["mfu"] = fl * row["samples_per_s"] / PEAK_BF16_FLOPS if fl else None
+    row["wall_s"] = time.perf_counter() - t0
+    cleanup(device)
+    restore_encoders(stack)
+    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "error"}),
+        row.get("error", "")[:200])
+    return row
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class FlopCount(__import__("torch.utils._python_dispatch", fromlist=["x"]).TorchDispatchMode):
+    """``torch.utils.flop_counter``'s per-op formulas without FlopCounterMode's module tracker (whose
+    backward hooks assert on ChatGLM's inputs in torch 2.11: "Expected gradient function to be set")."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry
+
+        self.registry, self.total = flop_registry, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        f = self.registry.get(func._overloadpacket)
+        if f is not None:
+            self.total += f(*args, **kwargs, out_val=out)
+        return out
+
+
+def count_flops(stack, cfg, res: int, args, device, dtype) -> float:
+    """Model FLOPs of one three-mode step per sample (forward + backward, no recompute, cached inputs)."""
+    from gill.model import GillModel
+
+    torch.manual_seed(0)
+    model = GillModel(stack, cfg.model)
+    set_checkpointing(model, False, False)
+    try:
+        model.adapter.to(device, dtype)
+        model.train()
+        batch = make_batch(cfg.model.name, res, 1, True, device, dtype, args.caption_repeat)
+        for m in ("captioning", "retrieval", "generation"):  # warm the phrase cache outside the count
+            model(batch, m)["loss"].backward()
+        model.zero_grad(set_to_none=True)
+        with FlopCount() as fc:
+            for m in ("captioning", "retrieval", "generation"):
+                model(batch, m)["loss"].backward()
+        return float(fc.total)
+    finally:
+        model.adapter.spatial.detach()
+
+
+def cleanup(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+# ------------------------------------------------------------------------------------------------
+def fmt_table(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Training-step benchmark (issue 5)",
+        "",
+        f"Produced by `{meta['command']}` on {meta['device']} ({meta['when']}); torch {meta['torch']}. "
+        f"Stack: `{meta['model']}` in {meta['dtype']}, frozen weights {meta.get('static_gib', 0):.2f} GiB on the GPU. "
+        f"One sample = captioning + retrieval + generation. MFU = counted model FLOPs "
+        f"({', '.join(f'{k}²: {v / 1e12:.2f} TFLOP/sample' for k, v in meta.get('flops', {}).items())}) "
+        f"x samples/s / {PEAK_BF16_FLOPS / 1e12:.0f} TFLOP/s. Peak = `torch.cuda.max_memory_reserved()` for the "
+        "whole process (frozen stack included, CUDA context not). Times: medians over the timed steps.",
+        "",
+        *([f"Merged runs: {meta['runs']}", ""] if meta.get("runs") else []),
+        *([f"Notes: {meta['notes']}", ""] if meta.get("notes") else []),
+        "| run | cap | res | strategy | mb | ckpt U/T | cached | status | peak reserved GiB | samples/s | "
+        "ms per mode (cap / ret / gen / other) | MFU |",
+        "|---|---|---:|---|---:|---|---|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        cap = f"{r['cap_gib']} GiB" if r.get("cap_gib") else "none"
+        ck = f"{'Y' if r.get('ckpt_unet') else 'N'}/{'Y' if r.get('ckpt_te') else 'N'}"
+        if r.get("status") == "ok":
+            mp = r["ms_per_mode"]
+            other = mp.get("joint_backward", mp.get("optimizer"))
+            ms = " / ".join(f"{mp.get(k, 0):.0f}" for k in ("captioning", "retrieval", "generation"))
+            ms += f" / {other:.0f}" if other is not None else " / -"
+            mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | {'Y' if r['cached'] else 'N'} | ok | "
+                         f"{r.get('peak_reserved_gib', float('nan')):.2f} | {r['samples_per_s']:.3f} | {ms} | {mfu} |")
+        else:
+            pk = r.get("peak_reserved_gib")
+            pk = f"{pk:.2f}" if pk is not None else "-"
+            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | {'Y' if r.get('cached') else 'N'} | "
+                         f"{r['status']} | {pk} | - | - | - |")
+    return "\n".join(lines) + "\n"
+
+
+def write(rows, meta, out_dir: Path, also: Path | None):
+    for d in filter(None, (out_dir, also)):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "step_benchmark.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (d / "step_benchmark.md").write_text(fmt_table(rows, meta))
+
+
+# ------------------------------------------------------------------------------------------------
+def merge(paths: list[str], out_dir: Path, notes: str = "") -> None:
+    """Several runs' JSON -> one table (rows keep their run number; ratios only within a run).
+    Model FLOPs are a property of the model and shapes, so a count from any run applies to all."""
+    metas, rows = [], []
+    for i, path in enumerate(paths, 1):
+        data = json.loads(Path(path).read_text())
+        metas.append(data["meta"])
+        rows += [dict(r, run=i) for r in data["rows"]]
+    flops = {k: v for m in metas for k, v in m.get("flops", {}).items()}
+    for r in rows:
+        if r["status"] == "ok" and flops.get(str(r["res"])):
+            r["mfu"] = flops[str(r["res"])] * r["samples_per_s"] / PEAK_BF16_FLOPS
+    meta = dict(metas[-1], flops=flops, notes=notes,
+                runs="; ".join(f"run {i}: `{m['command']}` ({m['when']})" for i, m in enumerate(metas, 1)))
+    meta["command"] = "python benchmarks/step_benchmark.py --merge " + " ".join(Path(p).name for p in paths)
+    write(rows, meta, out_dir, None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny stack on the CPU (tests the script)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--resolutions", default="1024,512")
+    ap.add_argument("--caps", default="24,0", help="emulated card sizes in GiB; 0 = uncapped")
+    ap.add_argument("--max-mb", type=int, default=8)
+    ap.add_argument("--capped-max-mb", type=int, default=4)
+    ap.add_argument("--compile-res", default="1024", help="tuned+compile: resolutions to run it at")
+    ap.add_argument("--compile-max-mb", type=int, default=1, help="tuned+compile: largest micro-batch (each recompiles)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--caption-repeat", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
+    ap.add_argument("--also-out", default=os.environ.get("OUT", ""), help="second copy of the results ($OUT)")
+    ap.add_argument("--rows", default="", help="explicit rows cap:res:variant:mb,... instead of the grid")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for the composed config")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
+    ap.add_argument("--notes", default="")
+    args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out_dir), args.notes)
+    t_start = time.perf_counter()
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    model_name = "tiny" if args.tiny else "kolors_random"
+    cfg = compose([f"model={model_name}", *args.overrides])
+    from gill.stack import load_stack
+
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    stack = load_stack(cfg.model, device=device, dtype=dtype)
+    static = torch.cuda.memory_allocated() / GiB if device.type == "cuda" else 0.0
+    meta = dict(
+        command="python benchmarks/step_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
+        when=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, model=model_name, dtype=str(dtype),
+        static_gib=static, stack_build_s=time.perf_counter() - t_start, flops={},
+        total_gib=(torch.cuda.get_device_properties(0).total_memory / GiB) if device.type == "cuda" else None,
+    )
+    log(f"stack built in {meta['stack_build_s']:.1f}s, {static:.2f} GiB on {device}")
+    out_dir, also = Path(args.out_dir), (Path(args.also_out) if args.also_out else None)
+    resolutions = [int(r) for r in args.resolutions.split(",")]
+    if args.tiny:
+        resolutions = [64]
+    rows: list[dict] = []
+
+    for res in resolutions:  # FLOPs first, uncapped
+        try:
+            meta["flops"][str(res)] = count_flops(stack, cfg, res, args, device, dtype)
+            log(f"flops {res}: {meta['flops'][str(res)] / 1e12:.3f} TFLOP per sample")
+        except Exception as e:  # noqa: BLE001
+            log(f"flop count {res} failed: {type(e).__name__}: {str(e)[:300]}")
+        cleanup(device)
+    write(rows, meta, out_dir, also)
+
+    if args.rows:
+        for spec in args.rows.split(","):
+            cap, res, variant, mb = spec.split(":")
+            if time.perf_counter() - t_start > args.budget_s:
+                log(f"skip {spec}: past the time budget")
+                continue
+            rows.append(measure_row(stack, cfg, variant, int(res), int(mb), float(cap), args, device, dtype, meta))
+            write(rows, meta, out_dir, also)
+        meta["total_s"] = time.perf_counter() - t_start
+        write(rows, meta, out_dir, also)
+        log(fmt_table(rows, meta))
+        return rows
+    variants = args.variants.split(",")
+    for cap in [float(c) for c in args.caps.split(",")]:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / total) if cap else 1.0)
+        for res in resolutions:
+            for variant in variants:
+                mb = 1
+                max_mb = args.capped_max_mb if cap else args.max_mb
+                if VARIANTS[variant].get("compile"):
+                    max_mb = min(max_mb, args.compile_max_mb)
+                    if str(res) not in args.compile_res.split(",") and not args.tiny:
+                        continue
+                while mb <= max_mb:
+                    if time.perf_counter() - t_start > args.budget_s:
+                        log(f"skip {variant} {res} mb{mb} cap{cap}: past the time budget")
+                        break
+                    t0 = time.perf_counter()
+                    try:
+                        row = run_one(stack, cfg, variant, res, mb, args, device, dtype)
+                    except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
+                        row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
+                                   ckpt_unet=VARIANTS[variant]["ckpt_unet"], ckpt_te=VARIANTS[variant]["ckpt_te"],
+                                   status="OOM" if is_oom(e) else f"error: {type(e).__name__}",
+                                   error=str(e)[:500])
+                        if device.type == "cuda":
+                            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+                        del e
+                    row["cap_gib"] = cap or None
+                    if row["status"] == "ok":
+                        fl = meta["flops"].get(str(res))
+                        row["mfu"] = fl * row["samples_per_s"] / PEAK_BF16_FLOPS if fl else None
+                    row["wall_s"] = time.perf_counter() - t0
+                    rows.append(row)
+                    cleanup(device)
+                    restore_encoders(stack)
+                    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                                    if k != "error"}), row.get("error", "")[:200])
+                    write(rows, meta, out_dir, also)
+                    if row["status"] != "ok":
+                        break
+                    mb *= 2
+    meta["total_s"] = time.perf_counter() - t_start
+    write(rows, meta, out_dir, also)
+    log(fmt_table(rows, meta))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,459 @@
+"""Memory planner: the predicted per-GPU peak of one training step, before anything loads (issue 5).
+
+    python -m gill.plan model=kolors_random train.resolution=1024 train.micro_batch_size=1 \\
+        [--world-size 3] [--card-gib 24] [--cached] [--optimizer deepspeed|torch] [other Hydra overrides]
+
+prints the peak broken down and whether it fits the card. How each term is obtained:
+
+* **frozen weights** — parameter counts of the frozen modules built on the meta device (nothing is
+  allocated) x the dtype's bytes. With ``--cached`` (VAE latents and CLIP features precomputed
+  offline) the VAE and the vision tower stay off the GPU.
+* **trainables, gradients, optimizer state** — the adapter's parameter count (built on meta) x bytes
+  per parameter of the strategy: plain PyTorch AdamW on bf16 parameters (the seed), DeepSpeed
+  ZeRO-0 (bf16 weights + grads, fp32 master/grad/Adam moments), ZeRO-2 (the fp32 part divided by the
+  world size) and ZeRO-2 with the optimizer offloaded (the fp32 part in CPU memory).
+* **communication buffers** — ZeRO-2's gradient bucket (``reduce_bucket_size`` elements of bf16, twice
+  with ``overlap_comm``), capped at the trainable count.
+* **activations, per mode** — *traced*, not guessed: the frozen ChatGLM / UNet (+ the real spatial
+  adapter hooked in) run once on the meta device at the configured shapes under a
+  ``saved_tensors_hooks`` counter, which records every tensor autograd keeps for backward (frozen
+  weights excluded: they are already counted). Gradient checkpointing is applied analytically from
+  the same trace: what is saved outside the checkpointed units (UNet ResNet/transformer blocks,
+  ChatGLM layers) + each unit's input + the largest unit's internals (recomputed during backward).
+  On top comes a **transient** term for the backward's working set (gradients of activations):
+  ``TRANSIENT_FACTOR`` x the largest single saved tensor — a calibrated constant (below).
+  Generation with raw images also has the VAE encoder's no-grad peak (three full-resolution
+  128-channel maps: ``VAE_ENCODE_MAPS``), and the ChatGLM prompt encoding's hidden states.
+* **CUDA context** — CUDA/cuBLAS/NCCL state outside PyTorch's allocator (a constant).
+* **allocator slack** — ``max_memory_reserved`` exceeds ``max_memory_allocated`` by fragmentation.
+
+Calibrated constants (honest about where they come from; see benchmarks/NOTES.md):
+
+* ``TRANSIENT_FACTOR``, ``ALLOCATOR_SLACK`` — fitted to the H200 per-mode peaks of
+  benchmarks/step_benchmark.json (kolors_random, 1024², micro-batch 1-8);
+* ``CUDA_CONTEXT_GIB`` — typical size for torch 2.x + NCCL on Ada/Hopper cards; not measured by the
+  benchmark (outside ``max_memory_reserved``, which is what the 24 GiB emulation caps).
+
+The CPU test (tests/test_plan.py) measures the tiny stack's real parameter, gradient, optimizer and
+saved-activation bytes and requires the plan to be within 10% of them on several configs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+GiB = 2**30
+CUDA_CONTEXT_GIB = 0.6
+ALLOCATOR_SLACK = 0.03  # reserved / allocated - 1 (H200 rows: 0.5-3.4%)
+TRANSIENT_FACTOR = 2.0  # backward working set, in units of the largest saved tensor
+VAE_ENCODE_MAPS = 6  # no-grad VAE encode peak, in [B, 128, H, W] bf16 maps (H200: 1.3-1.55 GiB per 1024² image)
+MODES = ("captioning", "retrieval", "generation")
+
+
+# ------------------------------------------------------------------------------------------------
+# the modules, on the meta device
+# ------------------------------------------------------------------------------------------------
+def frozen_modules(model_cfg, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """UNet / VAE / ChatGLM / CLIP vision at the config's dimensions, on the meta device (memoised:
+    building them takes seconds and meta modules hold no state the planner changes)."""
+    return _frozen_modules(str(model_cfg.name), dtype)
+
+
+@functools.lru_cache(maxsize=4)
+def _frozen_modules(name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    from gill.stack import build_random_modules
+
+    if name in ("kolors", "kolors_random"):
+        # Kolors' dimensions (a real Kolors checkpoint has exactly these; see gill.stack).
+        mods = build_random_modules("meta", dtype)
+    elif name == "tiny":
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+        from gill import tiny_stack as ts
+        from gill.stack import _default_dtype
+
+        vocab = ts._padded_vocab_size(ts.TINY_SP_VOCAB_SIZE)
+        with torch.device("meta"), _default_dtype(dtype):
+            mods = {
+                "unet": UNet2DConditionModel(**ts.TINY_UNET_CONFIG),
+                "vae": AutoencoderKL(**ts.TINY_VAE_CONFIG),
+                "text_encoder": ChatGLMModel(ChatGLMConfig(padded_vocab_size=vocab, **ts.TINY_CHATGLM_CONFIG),
+                                             empty_init=False),
+                "vision": CLIPVisionModelWithProjection(CLIPVisionConfig(**ts.TINY_CLIP_VISION_CONFIG)),
+            }
+    else:
+        raise ValueError(f"unknown model name {name!r}")
+    for m in mods.values():
+        m.requires_grad_(False).eval()
+    return mods
+
+
+def build_adapter(model_cfg, mods: dict[str, nn.Module], dtype: torch.dtype):
+    from gill.adapter import GillAdapter
+
+    te, vision = mods["text_encoder"], mods["vision"]
+    with torch.device("meta"):
+        adapter = GillAdapter(model_cfg.adapter, llm_dim=te.config.hidden_size,
+                              vision_dim=vision.config.projection_dim,
+                              prompt_len=model_cfg.prompt_max_length, unet=mods["unet"])
+    return adapter.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# counting what autograd saves
+# ------------------------------------------------------------------------------------------------
+def _key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+class SavedTensorCounter:
+    """Counts the distinct storages autograd saves for backward (frozen parameters excluded),
+    attributing each to the innermost *unit* module running when it was saved, and records the
+    bytes of each unit's first input (what a checkpoint keeps). Works on meta and real tensors."""
+
+    def __init__(self, exclude: list[nn.Module], units: list[nn.Module] = ()):
+        self.excluded = {_key(p) for m in exclude for p in m.parameters()}
+        self.units = list(units)
+        self.stack: list[int] = []
+        self.sizes: dict[int, int] = {}
+        self.owner: dict[int, int] = {}  # storage -> unit index (-1 outside)
+        self.unit_inputs: dict[int, int] = {}  # storage -> bytes, inputs of units
+        self.handles = []
+
+    def _pack(self, t):
+        if isinstance(t, torch.Tensor):
+            k = _key(t)
+            if k not in self.excluded:
+                self.sizes[k] = max(self.sizes.get(k, 0), t.untyped_storage().nbytes())
+                self.owner.setdefault(k, self.stack[-1] if self.stack else -1)
+        return t
+
+    def __enter__(self):
+        for i, u in enumerate(self.units):
+            def pre(mod, args, kwargs, i=i):
+                self.stack.append(i)
+                x = args[0] if args else next(iter(kwargs.values()))
+                if isinstance(x, torch.Tensor):
+                    self.unit_inputs[_key(x)] = x.untyped_storage().nbytes()
+
+            def post(mod, args, out, i=i):
+                self.stack.pop()
+
+            self.handles.append(u.register_forward_pre_hook(pre, with_kwargs=True))
+            self.handles.append(u.register_forward_hook(post))
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        for h in self.handles:
+            h.remove()
+
+    # ---- results ----------------------------------------------------------------------------
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def largest(self) -> int:
+        return max(self.sizes.values(), default=0)
+
+    def checkpointed(self) -> int:
+        """Saved bytes if every unit were checkpointed: outside + unit inputs + largest unit."""
+        outside = sum(s for k, s in self.sizes.items() if self.owner[k] == -1)
+        per_unit: dict[int, int] = {}
+        for k, s in self.sizes.items():
+            if self.owner[k] >= 0:
+                per_unit[self.owner[k]] = per_unit.get(self.owner[k], 0) + s
+        inputs = sum(s for k, s in self.unit_inputs.items() if self.owner.get(k, -2) != -1)
+        return outside + inputs + max(per_unit.values(), default=0)
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for SDPA while tracing on meta: what the GPU's flash / memory-efficient kernels
+    keep for backward (q, k, v, the output and an fp32 log-sum-exp per query), not the attention
+    matrix that the math fallback (which meta dispatch picks) would save."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # never run: the trace has no backward
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta():
+    import torch.nn.functional as F
+
+    real = F.scaled_dot_product_attention
+
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if q.device.type != "meta":
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        return _FusedAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = real
+
+
+# ------------------------------------------------------------------------------------------------
+# the per-mode graphs at the configured shapes
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ModeActivation:
+    saved: int  # bytes autograd keeps (after checkpointing)
+    transient: int  # backward working set + no-grad peaks of the mode
+    parts: dict = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return self.saved + self.transient
+
+
+def seq_lengths(model_cfg) -> dict[str, int]:
+    """Longest ChatGLM sequences with grad, per mode (captions at caption_max_tokens)."""
+    cap, k, r = int(model_cfg.caption_max_tokens), int(model_cfg.adapter.prefix_tokens), int(model_cfg.adapter.img_tokens)
+    return {"captioning": 2 + k + cap + 1, "img": 2 + cap + r}
+
+
+def trace_chatglm(te: nn.Module, b: int, s: int, dtype, ckpt: bool, device="meta", exclude=()) -> tuple[int, int]:
+    """(saved bytes, largest tensor) of one ChatGLM pass with grad w.r.t. its input embeddings."""
+    from gill.chatglm import run_chatglm
+
+    units = list(te.encoder.layers)
+    with torch.device(device):
+        embeds = torch.zeros(b, s, te.config.hidden_size, dtype=dtype, requires_grad=True) * 1.0
+        mask = torch.ones(b, s, dtype=torch.long)
+    with SavedTensorCounter([te, *exclude], units) as c:
+        if device == "meta":
+            # ChatGLM's `not attention_mask.all()` needs values; an all-ones mask takes the
+            # same path as no mask (full-length captions: no padding)
+            _run_chatglm_nomask(te, embeds)
+        else:
+            run_chatglm(te, embeds, mask)
+    return (c.checkpointed() if ckpt else c.total), c.largest
+
+
+def _run_chatglm_nomask(te, embeds):
+    b, s, _ = embeds.shape
+    ids = torch.zeros(b, s, dtype=torch.long, device=embeds.device)
+    pos = torch.arange(s, device=embeds.device)[None].expand(b, -1)
+    return te(input_ids=ids, inputs_embeds=embeds.transpose(0, 1), attention_mask=None, position_ids=pos,
+              use_cache=False, return_dict=True).last_hidden_state
+
+
+def trace_lm_head(te: nn.Module, n_rows: int, dtype, device="meta") -> tuple[int, int]:
+    """Captioning's vocabulary head + fp32 cross-entropy on n_rows positions."""
+    import torch.nn.functional as F
+
+    with torch.device(device):
+        h = torch.zeros(n_rows, te.config.hidden_size, dtype=dtype, requires_grad=True) * 1.0
+        tgt = torch.zeros(n_rows, dtype=torch.long)
+    with SavedTensorCounter([te]) as c:
+        F.cross_entropy(te.output_layer(h).float(), tgt)
+    return c.total, c.largest
+
+
+def trace_unet(unet: nn.Module, adapter, b: int, latent: int, n_obj: int, prompt_len: int, dtype, ckpt: bool,
+               device="meta") -> tuple[int, int]:
+    """(saved bytes, largest tensor) of the UNet forward with the spatial adapter hooked in."""
+    units = [m for m in unet.modules() if type(m).__name__ in ("ResnetBlock2D", "BasicTransformerBlock")]
+    spatial = adapter.spatial
+    spatial.attach(unet)
+    try:
+        with torch.device(device):
+            cross = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            x = torch.zeros(b, 4, latent, latent, dtype=dtype)
+            t = torch.zeros(b, dtype=torch.long)
+            ctx = torch.zeros(b, prompt_len, cross, dtype=dtype)
+            added = {"text_embeds": torch.zeros(b, pooled, dtype=dtype), "time_ids": torch.zeros(b, 6, dtype=dtype)}
+            phrases = torch.zeros(b, n_obj, adapter.spatial.tokenizer.null_phrase.shape[0], dtype=dtype)
+            boxes = torch.zeros(b, n_obj, 4)
+            mask = torch.ones(b, n_obj, dtype=torch.bool)
+        with SavedTensorCounter([unet, adapter], units) as c:
+            spatial.set_layout(phrases, boxes, mask, (latent, latent))
+            out = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+            (out.float() - 0).pow(2).mean()  # the MSE's saved input
+    finally:
+        spatial.clear_layout()
+        spatial.detach()
+    return (c.checkpointed() if ckpt else c.total), c.largest
+
+
+# ------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    config: dict
+    gpu: dict  # component -> bytes (static)
+    cpu: dict
+    modes: dict  # mode -> ModeActivation
+    card_gib: float
+
+    @property
+    def activation_peak(self) -> int:
+        return max((m.peak for m in self.modes.values()), default=0)
+
+    @property
+    def allocated_peak(self) -> int:
+        return sum(self.gpu.values()) + self.activation_peak
+
+    @property
+    def reserved_peak(self) -> int:
+        return int(self.allocated_peak * (1 + ALLOCATOR_SLACK))
+
+    @property
+    def device_peak(self) -> int:
+        return self.reserved_peak + int(CUDA_CONTEXT_GIB * GiB)
+
+    @property
+    def fits(self) -> bool:
+        return self.device_peak <= self.card_gib * GiB
+
+    def table(self) -> str:
+        g = lambda n: f"{n / GiB:8.3f}"  # noqa: E731
+        lines = [f"plan: {self.config}", "", "| component | GiB | where |", "|---|---:|---|"]
+        for k, v in self.gpu.items():
+            lines.append(f"| {k} | {g(v)} | GPU |")
+        for mode, a in self.modes.items():
+            lines.append(f"| activations: {mode} (saved {a.saved / GiB:.3f} + transient {a.transient / GiB:.3f}) "
+                         f"| {g(a.peak)} | GPU |")
+        for k, v in self.cpu.items():
+            lines.append(f"| {k} | {g(v)} | CPU |")
+        lines += [
+            f"| **allocated peak** (static + largest mode) | {g(self.allocated_peak)} | GPU |",
+            f"| allocator slack ({100 * ALLOCATOR_SLACK:.0f}%) -> **reserved peak** | {g(self.reserved_peak)} | GPU |",
+            f"| CUDA context | {g(int(CUDA_CONTEXT_GIB * GiB))} | GPU |",
+            f"| **device peak** | {g(self.device_peak)} | GPU |",
+            "",
+            f"{'FITS' if self.fits else 'DOES NOT FIT'} a {self.card_gib:g} GiB card "
+            f"({(self.card_gib * GiB - self.device_peak) / GiB:+.2f} GiB headroom)",
+        ]
+        return "\n".join(lines)
+
+
+def optimizer_bytes(strategy: str, n: int, world: int, ds: dict | None, esize: int = 2) -> tuple[dict, dict]:
+    """(GPU parts, CPU parts) for ``n`` trainable parameters of ``esize`` bytes under a strategy."""
+    gpu, cpu = {"trainables": esize * n, "gradients": esize * n}, {}
+    if strategy == "torch":  # the seed: AdamW moments in the parameters' dtype
+        gpu["optimizer: AdamW moments"] = 2 * esize * n
+        return gpu, cpu
+    zero = (ds or {}).get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    offload = zero.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+    part = n if stage == 0 else -(-n // world)
+    fp32 = {"optimizer: fp32 master": 4 * part, "optimizer: Adam moments (fp32)": 8 * part,
+            "optimizer: fp32 gradient partition": 4 * part}
+    (cpu if offload and stage >= 1 else gpu).update(fp32)
+    if stage >= 1:
+        bucket = min(int(float(zero.get("reduce_bucket_size", 5e8))), n) * esize
+        gpu["comm: gradient bucket" + (" x2 (overlap_comm)" if zero.get("overlap_comm") else "")] = (
+            bucket * (2 if zero.get("overlap_comm") else 1))
+    return gpu, cpu
+
+
+def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False, optimizer: str = "deepspeed",
+         dtype: torch.dtype = torch.bfloat16) -> Plan:
+    """The per-GPU memory plan of one optimizer step for the composed config ``cfg``."""
+    from gill.ds_config import load_ds_file
+
+    mc, tr = cfg.model, cfg.train
+    b, res = int(tr.micro_batch_size), int(tr.resolution)
+    modes = list(tr.modes)
+    esize = torch.finfo(dtype).bits // 8
+    mods = frozen_modules(mc, dtype)
+    adapter = build_adapter(mc, mods, dtype)
+    n_train = sum(p.numel() for p in adapter.parameters())
+    on_gpu = ["unet", "text_encoder"] + ([] if cached else ["vae", "vision"])
+    gpu = {f"frozen {k}": sum(p.numel() for p in mods[k].parameters()) * esize for k in on_gpu}
+    ds = None if optimizer == "torch" else load_ds_file(cfg.deepspeed.file)
+    if ds is not None and cfg.deepspeed.get("overrides"):
+        from omegaconf import OmegaConf
+
+        from gill.ds_config import _merge
+        ds = _merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides, resolve=True))
+    g, c = optimizer_bytes(optimizer if optimizer == "torch" else "deepspeed", n_train, world_size, ds, esize)
+    gpu.update(g)
+
+    with fused_attention_on_meta():
+        acts = _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize)
+    desc = dict(model=mc.name, resolution=res, micro_batch=b, world_size=world_size, cached=cached,
+                optimizer=optimizer if optimizer == "torch" else cfg.deepspeed.file,
+                ckpt_unet=bool(mc.gradient_checkpointing.unet), ckpt_text_encoder=bool(mc.gradient_checkpointing.text_encoder),
+                trainable_params=n_train)
+    return Plan(desc, gpu, c, acts, card_gib)
+
+
+def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) -> dict:
+    te, unet, vae = mods["text_encoder"], mods["unet"], mods["vae"]
+    ck_te, ck_unet = bool(mc.gradient_checkpointing.text_encoder), bool(mc.gradient_checkpointing.unet)
+    seqs = seq_lengths(mc)
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = res // vae_factor
+    acts: dict[str, ModeActivation] = {}
+    if "captioning" in modes:
+        s, big = trace_chatglm(te, b, seqs["captioning"], dtype, ck_te)
+        s2, big2 = trace_lm_head(te, b * (int(mc.caption_max_tokens) + 1), dtype)
+        acts["captioning"] = ModeActivation(s + s2, int(TRANSIENT_FACTOR * max(big, big2)),
+                                            {"chatglm": s, "lm_head": s2})
+    img = None
+    if "retrieval" in modes or "generation" in modes:
+        img = trace_chatglm(te, b, seqs["img"], dtype, ck_te)
+    if "retrieval" in modes:
+        acts["retrieval"] = ModeActivation(img[0], int(TRANSIENT_FACTOR * img[1]), {"chatglm": img[0]})
+    if "generation" in modes:
+        su, bigu = trace_unet(unet, adapter, b, latent, int(mc.adapter.spatial.max_objects), int(mc.prompt_max_length),
+                              dtype, ck_unet)
+        saved = img[0] + su
+        backward = int(TRANSIENT_FACTOR * max(bigu, img[1]))
+        # no-grad peaks before the UNet runs: ChatGLM's prompt encoding keeps every layer's hidden
+        # states (output_hidden_states); the VAE encoder's full-resolution maps (raw images only)
+        prompt = (te.config.num_layers + 1) * b * int(mc.prompt_max_length) * te.config.hidden_size * esize
+        vae_enc = 0 if cached else VAE_ENCODE_MAPS * b * vae.config.block_out_channels[0] * res * res * esize
+        acts["generation"] = ModeActivation(saved, max(backward, prompt, vae_enc - saved),
+                                            {"chatglm": img[0], "unet": su, "vae_encode": vae_enc, "prompt": prompt})
+    return acts
+
+
+def main(argv: list[str] | None = None) -> Plan:
+    ap = argparse.ArgumentParser(description="Predict the per-GPU memory peak of a training step.")
+    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--card-gib", type=float, default=24.0)
+    ap.add_argument("--cached", action="store_true", help="VAE latents / CLIP features precomputed offline")
+    ap.add_argument("--optimizer", default="deepspeed", choices=["deepspeed", "torch"])
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train_ds.py")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=list(args.overrides))
+    p = plan(cfg, args.world_size, args.card_gib, args.cached, args.optimizer)
+    print(p.table())
+    return p
+
+
+if __name__ == "__main__":
+    main()
