@@ -232,6 +232,20 @@ class Trainer:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"split": split, "step": self.step, **metrics}, ensure_ascii=False) + "\n")
 
+    def _log_layout_images(self) -> None:
+        import numpy as np
+        from PIL import Image
+
+        from gill.validation import render_validation_images
+
+        paths = render_validation_images(
+            self.model, next(iter(self.val_loader)), self.output_dir / "val_images", self.step,
+            max_images=int(self.t.val_images), steps=int(self.t.val_image_steps),
+        )
+        for i, path in enumerate(paths):
+            image = np.asarray(Image.open(path).convert("RGB"))
+            self.writer.add_image(f"val/layout_{i}", image, self.step, dataformats="HWC")
+
     def validate(self) -> None:
         """Rank 0 evaluates (forward only, no collectives) while the other ranks wait."""
         if distributed.is_main():
@@ -241,5 +255,7 @@ class Trainer:
             self._log(metrics, "val")
             for i, (ref, hyp) in enumerate(captions):
                 self.writer.add_text(f"val/caption_{i}", f"ref: {ref}  \nout: {hyp}", self.step)
+            if int(self.t.val_images) > 0 and "generation" in self.modes:
+                self._log_layout_images()
             log.info("validation at step %d: %s", self.step, {k: round(v, 4) for k, v in metrics.items()})
         distributed.barrier()

@@ -1,10 +1,12 @@
-"""Validation metrics (rank 0, forward only): retrieval recall@1/5 both ways, captioning token
-accuracy and greedy captions, generation losses.
+"""Validation (rank 0, forward only): retrieval recall@1/5 both ways, captioning token accuracy and
+greedy captions, generation losses, and layout images rendered by the inference path, boxes drawn.
 
 The model's random stream is saved and restored around the pass, so validating changes nothing
 about the training that follows (resume stays exact).
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,3 +68,31 @@ def evaluate(model, loader, train_cfg) -> tuple[dict, list[tuple[str, str]]]:
     finally:
         model.rng.set_state(rng_state)
         model.train(was_training)
+
+
+def render_validation_images(model, batch: dict, out_dir, step: int, *, max_images: int = 4, steps: int = 20,
+                             guidance_scale: float = 3.0, beta: float = 1.0, seed: int = 0) -> list[Path]:
+    """Generate the first ``max_images`` layouts of a collated batch with the inference path
+    (``generate_layout``), adapter on, and save each with its requested boxes drawn on top as
+    ``<out_dir>/step_<step>/<i>_<id>.png``. Returns the paths. Restores the model's train/eval
+    mode and leaves its random stream untouched (generation uses its own seeded generators)."""
+    from gill.inference import draw_layout, generate_layout
+
+    was_training = model.training
+    model.eval()
+    folder = Path(out_dir) / f"step_{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for i in range(min(max_images, len(batch["captions"]))):
+            n = int(batch["box_mask"][i].sum())
+            objects = [(batch["labels"][i][j], batch["boxes"][i, j].tolist()) for j in range(n)]
+            image = generate_layout(model, batch["captions"][i], objects, steps=steps, guidance_scale=guidance_scale,
+                                    beta=beta, seed=seed + i)[0]
+            side = max(256, image.width)
+            path = folder / f"{i:02d}_{batch['ids'][i] if 'ids' in batch else i}.png"
+            draw_layout(image.resize((side, side)), objects).save(path)
+            paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths

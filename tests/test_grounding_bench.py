@@ -12,6 +12,7 @@ import torch
 from gill.bench import detector, grounding
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
+from gill.validation import render_validation_images
 
 MIN_GAP = 0.15  # placement(adapter on) - placement(adapter off)
 
@@ -69,7 +70,7 @@ def test_render_validation_images(tiny_stack, tmp_path):
     try:
         ds = SyntheticLayoutDataset(2, 64, split="val")
         batch = collate_layout([ds[0], ds[1]])
-        paths = grounding.render_validation_images(model, batch, tmp_path, step=7, max_images=2, steps=2)
+        paths = render_validation_images(model, batch, tmp_path, step=7, max_images=2, steps=2)
         assert [p.parent.name for p in paths] == ["step_00000007"] * 2
         assert all(p.is_file() for p in paths)
     finally:

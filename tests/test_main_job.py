@@ -28,3 +28,5 @@ def test_readme_main_job(tmp_path):
     assert (out / "adapter.safetensors").exists()
     assert (out / "checkpoints" / "step_00000004" / "gill_state.json").exists()
     assert list((out / "tb").iterdir()) and (out / ".hydra" / "config.yaml").exists()
+    # validation images come from the inference path, boxes drawn
+    assert len(list((out / "val_images" / "step_00000004").glob("*.png"))) == 2
