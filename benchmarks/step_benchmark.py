@@ -506,9 +506,6 @@ def main(argv=None):
         return rows
     variants = args.variants.split(",")
     for cap in [float(c) for c in args.caps.split(",")]:
-        if device.type == "cuda":
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / total) if cap else 1.0)
         for res in resolutions:
             for variant in variants:
                 mb = 1
@@ -521,27 +518,8 @@ def main(argv=None):
                     if time.perf_counter() - t_start > args.budget_s:
                         log(f"skip {variant} {res} mb{mb} cap{cap}: past the time budget")
                         break
-                    t0 = time.perf_counter()
-                    try:
-                        row = run_one(stack, cfg, variant, res, mb, args, device, dtype)
-                    except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
-                        row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
-                                   ckpt_unet=VARIANTS[variant]["ckpt_unet"], ckpt_te=VARIANTS[variant]["ckpt_te"],
-                                   status="OOM" if is_oom(e) else f"error: {type(e).__name__}",
-                                   error=str(e)[:500])
-                        if device.type == "cuda":
-                            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
-                        del e
-                    row["cap_gib"] = cap or None
-                    if row["status"] == "ok":
-                        fl = meta["flops"].get(str(res))
-                        row["mfu"] = fl * row["samples_per_s"] / PEAK_BF16_FLOPS if fl else None
-                    row["wall_s"] = time.perf_counter() - t0
+                    row = measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta)
                     rows.append(row)
-                    cleanup(device)
-                    restore_encoders(stack)
-                    log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                                    if k != "error"}), row.get("error", "")[:200])
                     write(rows, meta, out_dir, also)
                     if row["status"] != "ok":
                         break
