@@ -4,8 +4,14 @@
 through the same race-safe cache path production uses; `tiny_stack` loads it back with
 `gill.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
 """
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 torch.set_num_threads(1)  # tests run on small, shared CPU boxes: 2 OpenMP threads thrash there
 
@@ -23,3 +29,12 @@ def tiny_stack(tiny_stack_dir):
     from gill.stack import load_stack
 
     return load_stack({"name": "tiny", "pretrained_path": tiny_stack_dir, "dtype": "fp32"}, device="cpu")
+
+
+@pytest.fixture
+def child_env() -> dict:
+    """Environment for a training run in a child process: its own process group, so none of the
+    rendezvous variables an in-process test set (they would point it at this process's port)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return env

@@ -1,7 +1,6 @@
 """The README's main-job command runs to completion: all three modes through DeepSpeed on the
 embedded tiny default, a checkpoint, an adapter, logs and a validation pass written."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,13 +8,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_readme_main_job(tmp_path):
+def test_readme_main_job(tmp_path, child_env):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "python train_ds.py train.output_dir=outputs/quickstart" in readme
     out = tmp_path / "quickstart"
     proc = subprocess.run(
         [sys.executable, "train_ds.py", f"train.output_dir={out}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=child_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

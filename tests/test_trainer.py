@@ -1,7 +1,6 @@
 """The DeepSpeed trainer on CPU: exact parity with plain PyTorch, one graph at a time, two real
 ranks, exact resume after a kill, crash-safe checkpoints, and config contradictions caught early."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -25,7 +24,6 @@ from gill.stack import load_stack
 from gill.trainer import optimizer_step
 
 ROOT = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def compose_cfg(*overrides):
@@ -107,9 +105,12 @@ def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir):
                 # From step 2 on, Adam's second moment turns gradients that are pure rounding
                 # noise (e.g. attention key biases, exactly 0 in exact arithmetic) into +-lr
                 # updates of random sign, so only the first update is compared element-wise.
+                # 1e-5 of the update, plus two fp32 ulps of the parameter itself (a weight near 1.0,
+                # e.g. a norm's, cannot be represented closer than 1.2e-7 whatever the update).
                 update = p.detach() - before[n]
                 diff = (ds_params[n].detach() - p.detach()).abs().max()
-                assert diff <= 1e-5 * update.abs().max().clamp(min=1e-12), (step, n, float(diff))
+                tol = 1e-5 * update.abs().max() + 2 * torch.finfo(torch.float32).eps * p.detach().abs().max()
+                assert diff <= tol, (step, n, float(diff), float(tol))
         # Parameters only one mode touches did move (and equally in both).
         for n in ("adapter.visual_prefix.weight", "adapter.text_proj.weight", "adapter.mapper.proj_in.weight"):
             assert not torch.equal(dict(zip(names, params))[n], before[n]), n
@@ -193,12 +194,12 @@ def test_contradictions_are_refused_naming_both_values():
         build_ds_config(cfg, 1, on_gpu=False)
 
 
-def test_contradiction_fails_before_any_model_loads(tmp_path):
+def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
     t0 = time.time()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_ds.py"), f"train.output_dir={tmp_path}",
          "+deepspeed.overrides.train_batch_size=999", "model.pretrained_path=/nonexistent"],
-        capture_output=True, text=True, env=ENV, timeout=120,
+        capture_output=True, text=True, env=child_env, timeout=120,
     )
     assert proc.returncode != 0
     assert "train_batch_size=999" in proc.stderr and "6" in proc.stderr
@@ -210,7 +211,7 @@ def test_contradiction_fails_before_any_model_loads(tmp_path):
 # ---- two ranks --------------------------------------------------------------------------------------
 
 
-def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path):
+def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     proc = subprocess.run(
         train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
@@ -218,7 +219,7 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path):
                   # the `deepspeed` launcher of this interpreter, whether or not its venv is on PATH
                   launcher=(sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
                             "--master_port", "29533")),
-        capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp_path,
+        capture_output=True, text=True, env=child_env, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -237,14 +238,14 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path):
 # ---- resume ----------------------------------------------------------------------------------------
 
 
-def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path):
+def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
     common = ("train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.seed=3")
     straight = tmp_path / "straight"
-    subprocess.run(train_cmd(tiny_stack_dir, straight, *common), check=True, env=ENV, timeout=600,
+    subprocess.run(train_cmd(tiny_stack_dir, straight, *common), check=True, env=child_env, timeout=600,
                    capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny_stack_dir, killed, *common), env=ENV,
+    proc = subprocess.Popen(train_cmd(tiny_stack_dir, killed, *common), env=child_env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints" / "step_00000002" / MARKER).exists():
@@ -255,7 +256,7 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path):
     done = CheckpointManager(killed).complete()
     assert done and int(done[-1].name.split("_")[1]) < 6, "the kill came too late to test resume"
 
-    subprocess.run(train_cmd(tiny_stack_dir, killed, *common, "train.resume=auto"), check=True, env=ENV,
+    subprocess.run(train_cmd(tiny_stack_dir, killed, *common, "train.resume=auto"), check=True, env=child_env,
                    timeout=600, capture_output=True)
     a = load_file(straight / "adapter.safetensors")
     b = load_file(killed / "adapter.safetensors")
@@ -267,10 +268,10 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path):
     assert steps[-1] == 6 and max(steps) == 6
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path):
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(tiny_stack_dir, out, "train.max_steps=1000", "train.save_every=0"),
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (out / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline
