@@ -21,7 +21,7 @@ import torch
 
 from gill import distributed
 from gill.checkpoint import CheckpointManager, export_adapter
-from gill.ds_workarounds import touch_all_trainables
+from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
                 log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
                 poisoned = True
                 loss = zero_surrogate(model)
-            if i in (1, n_micro):
+            if i == n_micro:
                 loss = loss + touch_all_trainables(model)
             if i == n_micro and poisoned:
                 set_lr(engine, 0.0)  # the scheduler's step right after restores it
@@ -73,6 +73,8 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
             if i == n_micro and before_update is not None:
                 before_update(engine)
             engine.step()
+            if i == n_micro:
+                reset_offload_accumulators(engine)
             del loss
             for k, v in out.items():
                 key = f"{mode}/{k}"
