@@ -1,0 +1,5 @@
+"""GILL-Next-CN: teach a frozen Kolors stack captioning, retrieval and layout-controlled generation.
+
+Entry points: ``train_ds.py`` (training), ``python -m gill.annotate`` (layout data), ``python -m gill.inference``,
+``python -m gill.params`` (parameter tables), ``python -m gill.plan`` (memory planner).
+"""
