@@ -67,8 +67,9 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Collective: every rank calls it with the same ``step``."""
+    def save(self, engine, step: int, client_state: dict, layout: dict | None = None) -> Path:
+        """Collective: every rank calls it with the same ``step``. ``layout`` (plain JSON, e.g. the
+        world size) goes into the completion marker, readable before DeepSpeed loads anything."""
         tag = f"step_{step:08d}"
         tmp_root = self.root / ".tmp"
         if distributed.is_main():
@@ -82,7 +83,7 @@ class CheckpointManager:
         distributed.barrier()
         final = self.root / tag
         if distributed.is_main():
-            atomic_write_text(tmp_root / tag / MARKER, json.dumps({"step": step}))
+            atomic_write_text(tmp_root / tag / MARKER, json.dumps({"step": step, **(layout or {})}))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp_root / tag, final)
@@ -107,6 +108,10 @@ class CheckpointManager:
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"{path} is not a complete checkpoint (no {MARKER})")
         return path
+
+    @staticmethod
+    def marker(path: Path) -> dict:
+        return json.loads((path / MARKER).read_text(encoding="utf-8"))
 
     @staticmethod
     def load(engine, path: Path) -> dict:

@@ -79,6 +79,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, indexed by rank (on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (ranks must agree on control flow)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -106,9 +115,4 @@ def identical_across_ranks(module: torch.nn.Module) -> bool:
         if p.requires_grad:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
-    digest = h.hexdigest()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return True
-    digests = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, digest)
-    return len(set(digests)) == 1
+    return len(set(all_gather_object(h.hexdigest()))) == 1

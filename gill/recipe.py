@@ -112,6 +112,7 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     trainer = Trainer(cfg, engine, loader, sampler, val_loader, resolved, output_dir)
     resume = trainer.ckpt.resolve(cfg.train.resume)
     if resume is not None:
+        trainer.check_resumable(resume)
         trainer.restore(trainer.ckpt.load(engine, resume))
         log.info("resumed from %s at step %d", resume, trainer.step)
     elif cfg.train.resume == "auto":

@@ -90,6 +90,8 @@ class Trainer:
         self.engine = engine
         self.model = engine.module
         self.loader, self.sampler, self.val_loader = loader, sampler, val_loader
+        # Only rank 0 holds the validation loader, but every rank must enter validate() (its barrier).
+        self.has_val = distributed.any_rank(val_loader is not None)
         self.resolved_config = resolved_config
         self.output_dir = output_dir
         self.ckpt = CheckpointManager(output_dir, self.t.keep_last)
@@ -110,21 +112,38 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------
     def client_state(self) -> dict:
+        """Collective. DeepSpeed writes the client state from rank 0 only, so every rank's random
+        streams are gathered into it (a rank restores its own)."""
+        rng = {"model": self.model.rng.get_state(), "torch": torch.get_rng_state()}
         return {
             "step": self.step,
             "epoch": self.epoch,
             "micro_in_epoch": self.micro_in_epoch,
-            "model_rng": self.model.rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "rng_per_rank": distributed.all_gather_object(rng),
         }
+
+    def data_layout(self) -> dict:
+        """What the saved data position depends on: it is a position in this rank's share of an
+        epoch, so it means the same samples only with the same ranks and micro-batch size."""
+        return {"world_size": distributed.world_size(), "micro_batch_size": int(self.t.micro_batch_size)}
+
+    def check_resumable(self, path: Path) -> None:
+        saved = self.ckpt.marker(path)
+        for key, value in self.data_layout().items():
+            if saved.get(key) != value:
+                raise ValueError(
+                    f"cannot resume {path} exactly: it was written with {key}={saved.get(key)}, this run has "
+                    f"{key}={value}; resume with the same setting, or start a new run from adapter.safetensors"
+                )
 
     def restore(self, state: dict) -> None:
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
-        self.model.rng.set_state(state["model_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        rng = state["rng_per_rank"][distributed.rank()]
+        self.model.rng.set_state(rng["model"])
+        torch.set_rng_state(rng["torch"])
 
     def save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self.client_state())
+        self.ckpt.save(self.engine, self.step, self.client_state(), self.data_layout())
         self.export()
 
     def export(self) -> None:
@@ -187,7 +206,7 @@ class Trainer:
                         self._log(metrics, "train")
                 stop = distributed.any_rank(self._stop)
                 at_end = self.step == self.max_steps
-                if self.val_loader is not None and (
+                if self.has_val and (
                     (self.t.val_every and self.step % int(self.t.val_every) == 0) or at_end
                 ):
                     self.validate()

@@ -2,6 +2,7 @@
 ranks, exact resume after a kill, crash-safe checkpoints, and config contradictions caught early."""
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,9 +37,18 @@ def micro_batches(n, size, seed=5):
     return [collate_layout([ds[i * size + j] for j in range(size)]) for i in range(n)]
 
 
-def train_cmd(stack_dir, out, *extra, launcher=(sys.executable,)):
+def train_cmd(stack_dir, out, *extra, launcher=(sys.executable,), validate=False):
+    val = ["train.val_images=1", "train.val_image_steps=2", "train.val_batches=1"] if validate else ["data.val=null"]
     return [*launcher, str(ROOT / "train_ds.py"), f"model.pretrained_path={stack_dir}",
-            f"train.output_dir={out}", "data.val=null", *extra]
+            f"train.output_dir={out}", *val, *extra]
+
+
+def deepspeed_2():
+    """The `deepspeed` launcher of this interpreter (venv on PATH or not), 2 ranks, a free port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return (sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port))
 
 
 # ---- parity ---------------------------------------------------------------------------------------
@@ -212,27 +222,42 @@ def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
 
 
 def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
+    """Two real ranks: negatives from both, validation on rank 0 without a hang, identical replicas,
+    one run folder; then the same run split by a resume (each rank its own random stream) is exact."""
+    def run(out, *extra):
+        proc = subprocess.run(
+            train_cmd(tiny_stack_dir, out, "train.save_every=2", "train.seed=1", "train.mode_weights.captioning=0.5",
+                      *extra, launcher=deepspeed_2(), validate=True),
+            capture_output=True, text=True, env=child_env, timeout=300, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
     out = tmp_path / "run"
-    proc = subprocess.run(
-        train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
-                  "train.mode_weights.captioning=0.5",
-                  # the `deepspeed` launcher of this interpreter, whether or not its venv is on PATH
-                  launcher=(sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                            "--master_port", "29533")),
-        capture_output=True, text=True, env=child_env, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(out, "train.max_steps=4")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
-    assert len(train) == 3
+    assert len(train) == 4
     # Retrieval negatives: 2 ranks x 2 samples -> 3 negatives per query (1 would mean local only).
     assert all(r["retrieval/negatives"] == 3 for r in train)
+    assert [r["step"] for r in records if r["split"] == "val"] == [4]
     final = [r for r in records if r["split"] == "final"][-1]
     assert final["replicas_identical"] == 1.0
-    assert (out / "adapter.safetensors").exists() and (out / "checkpoints" / "step_00000003" / MARKER).exists()
+    assert (out / "adapter.safetensors").exists() and (out / "checkpoints" / "step_00000004" / MARKER).exists()
     # One run folder, written by rank 0 only: no stray per-rank folders, one .hydra.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (out / ".hydra").is_dir()
+
+    split = tmp_path / "split"
+    run(split, "train.max_steps=2")
+    run(split, "train.max_steps=4", "train.resume=auto")
+    a, b = load_file(out / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # Resuming with another world size would silently change the data order: refused.
+    proc = subprocess.run(train_cmd(tiny_stack_dir, split, "train.max_steps=6", "train.resume=auto"),
+                          capture_output=True, text=True, env=child_env, timeout=300)
+    assert proc.returncode != 0 and "world_size=2" in proc.stderr
 
 
 # ---- resume ----------------------------------------------------------------------------------------
