@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from gill.adapter import GillAdapter
-from gill.stack import build_random_modules, count_parameters, load_stack, parameter_table
+from gill.stack import build_random_modules, load_stack, parameter_table, stack_parameter_rows
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -32,7 +32,7 @@ def tables(overrides: list[str]) -> tuple[str, str]:
     with torch.device("meta"):
         adapter = GillAdapter(m.adapter, llm_dim=llm_dim, vision_dim=vision_dim,
                               prompt_len=m.prompt_max_length, unet=modules["unet"])
-    stack_rows = [(name, count_parameters(mod)) for name, mod in modules.items()]
+    stack_rows = stack_parameter_rows(modules)
     adapter_rows = list(adapter.parameter_groups().items())
     spatial = sum(n for name, n in adapter_rows if name.startswith("spatial"))
     adapter_rows.append((f"(spatial adapter: {m.adapter.spatial.injection}, "

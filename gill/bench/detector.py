@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from gill.data.boxes import box_iou
 from gill.data.vocab import BACKGROUNDS, COLORS
 
 # Nearest-palette classification needs the whole palette: a grey pixel must not count as black.
@@ -51,11 +52,6 @@ def nearest_palette(image: Image.Image | np.ndarray, max_dist: float = DEFAULT_M
     return idx
 
 
-def colour_mask(image, colour: str, max_dist: float = DEFAULT_MAX_DIST) -> np.ndarray:
-    """``[H, W]`` bool: pixels classified as ``colour`` (a :data:`COLORS` name)."""
-    return nearest_palette(image, max_dist) == PALETTE_NAMES.index(colour)
-
-
 def components(mask: np.ndarray, min_area: int = 1) -> list[tuple[int, tuple[float, float, float, float]]]:
     """4-connected components of ``mask`` as ``(area, normalized box)``, largest first.
 
@@ -77,14 +73,6 @@ def components(mask: np.ndarray, min_area: int = 1) -> list[tuple[int, tuple[flo
         out.append((area, (xs.start / w, ys.start / h, xs.stop / w, ys.stop / h)))
     out.sort(key=lambda c: -c[0])
     return out
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 @dataclass
