@@ -9,7 +9,9 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``A``        per-mode backward (forward -> backward -> graph freed, per mode), torch AdamW on the GPU
 ``A+B``      A + gradient checkpointing of UNet and ChatGLM (the seed's best plain-PyTorch recipe)
 ``A+B+C``    A+B with ZeRO-2 and the optimizer state on the CPU (DeepSpeed, ``zero2_offload``)
-``default``  the project default recipe (``model=kolors_random deepspeed=zero2_offload``, as configured)
+``default``  the project default recipe (``model=kolors_random deepspeed=zero2_offload``, as configured:
+             the adapter trained as one flat tensor, ``train.flat_params``)
+``default-pertensor``  default with ``train.flat_params=false`` (DeepSpeed sees ~600 adapter tensors)
 ``tuned``    default + the levers that measured well: cached VAE latents / CLIP features (the frozen
              VAE and CLIP leave the GPU), selective checkpointing (UNet only)
 ``tuned-z2``  tuned with ZeRO-2 keeping the optimizer state on the GPU (``deepspeed=zero2``)
@@ -20,6 +22,10 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
              transformer blocks (their ``forward``, so the spatial adapter's hooks stay outside the graphs;
              compiling whole blocks recompiles per block because each hook closes over its block's name)
 ==========  ==============================================================================================
+
+DeepSpeed rows run the trainer's own ``gill.trainer.optimizer_step``. With the optimizer offloaded
+they use the DeepSpeed config's optimizer (``DeepSpeedCPUAdam``, what the recipe trains with; JIT-built
+on first use, set ``TORCH_EXTENSIONS_DIR`` to keep the build); ``--client-adam`` swaps in torch AdamW.
 
 Grid: emulated 24 GiB card (``torch.cuda.set_per_process_memory_fraction``) and uncapped; 1024² and
 512²; micro-batch 1, 2, 4, ... until it does not fit (an OOM is a row, not a crash). Per row: peak
@@ -58,8 +64,11 @@ VARIANTS = {
     "naive": dict(backward="summed", ckpt_unet=False, ckpt_te=False, engine="torch", cached=False),
     "A": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="torch", cached=False),
     "A+B": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="torch", cached=False),
-    "A+B+C": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2_offload", cached=False),
+    "A+B+C": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2_offload", cached=False,
+                  flat=False),
     "default": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=False),
+    "default-pertensor": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=False,
+                              flat=False),
     "tuned": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True),
     "tuned-z2": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True),
     "tuned-torch": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="torch", cached=True),
@@ -161,7 +170,7 @@ class Timer:
         return (time.perf_counter() - start) * 1e3
 
 
-def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device):
+def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device, client_adam: bool):
     import deepspeed
 
     from gill import distributed
@@ -169,6 +178,7 @@ def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device):
 
     distributed.init(device)
     cfg = cfg.copy()
+    cfg.deepspeed.file = ds_name
     # build_ds_config refuses retrieval at one sample per step (no negatives); for the benchmark a
     # one-sample InfoNCE is fine (same compute), so fill with 2 and patch the batch numbers back.
     cfg.train.micro_batch_size = max(2, mb)
@@ -176,23 +186,41 @@ def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device):
     ds["train_micro_batch_size_per_gpu"] = mb
     ds["train_batch_size"] = mb * n_modes
     ds["bf16"]["enabled"] = device.type == "cuda"
-    # DeepSpeedCPUAdam needs a JIT build (ninja, ~1-2 min) on a fresh machine; a torch AdamW on the
-    # CPU partition does the same maths (see NOTES.md for its cost at 50M params).
-    ds["zero_force_ds_cpu_optimizer"] = False
-    ds.pop("optimizer", None)
-    ds.pop("scheduler", None)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") == "cpu"
-    params = model.trainable_parameters()
+    optimizer = None
+    if client_adam or not offload:
+        # On the GPU the config's AdamW would be DeepSpeed's FusedAdam (a CUDA JIT build); torch's
+        # fused AdamW is the same maths. Offloaded, --client-adam skips DeepSpeedCPUAdam's C++ build.
+        ds["zero_force_ds_cpu_optimizer"] = False
+        ds.pop("optimizer", None)
+        optimizer = lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True)  # noqa: E731
+    ds.pop("scheduler", None)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds,
-        optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-5, foreach=True),
+        model=model, model_parameters=model.trainable_parameters(), config=ds, optimizer=optimizer
     )
+    model.adapter.refresh()
     return engine, offload
 
 
-def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype) -> dict:
+def write_profile(one_step, path: Path, device) -> None:
+    """One more step under ``torch.profiler``: where the time goes, by CPU and by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        one_step()
+    avg = prof.key_averages()
+    gpu_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    text = [f"# profile of one step ({path.stem})", "", "## by self CPU time", avg.table(sort_by="self_cpu_time_total", row_limit=40),
+            "", "## by self GPU time", avg.table(sort_by=gpu_key, row_limit=40)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text), encoding="utf-8")
+    log(f"profile written to {path}")
+
+
+def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, profile_path: Path | None = None) -> dict:
     from gill.model import GillModel
-    from gill.trainer import touch_all_trainables
+    from gill.trainer import optimizer_step
 
     spec = VARIANTS[variant]
     modes = ["captioning", "retrieval", "generation"]
@@ -206,8 +234,10 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype) ->
     cpu_copies: dict = {}
     ctx = encoders_off_gpu(model, stack, cpu_copies) if spec["cached"] else contextlib.nullcontext()
     engine = opt = None
+    flat = engine_kind != "torch" and spec.get("flat", bool(cfg.train.flat_params))
     row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
-               engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"])
+               engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"],
+               flat=flat)
     compiled = []
     try:
         with ctx:
@@ -224,50 +254,57 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype) ->
                 opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, foreach=True)
                 fwd = model
             else:
-                engine, _ = build_ds_engine(cfg, model, mb, len(modes), ds_file, device)
+                if flat:
+                    model.adapter.flatten()
+                engine, _ = build_ds_engine(cfg, model, mb, len(modes), ds_file, device, args.client_adam)
+                row["optimizer"] = type(engine.optimizer.optimizer).__name__
                 fwd = engine
             timer = Timer(device)
             if device.type == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             steps, per_mode, mode_peak = [], {m: [] for m in modes}, {m: 0 for m in modes}
-            for it in range(args.warmup + args.steps):
-                t0 = time.perf_counter()
+            mark = {"reserved": 0}
+
+            def begin_mode():
+                if device.type == "cuda":
+                    mark["reserved"] = max(mark["reserved"], torch.cuda.max_memory_reserved())
+                    mark["base"] = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                mark["t"] = timer.start()
+
+            def end_mode(m):
+                per_mode.setdefault(m, []).append(timer.ms(mark["t"]))
+                if device.type == "cuda":
+                    mode_peak[m] = max(mode_peak.get(m, 0), torch.cuda.max_memory_allocated() - mark["base"])
+                begin_mode()
+
+            def one_step():
+                begin_mode()
                 if spec["backward"] == "summed":
                     total = 0.0
                     for m in modes:
-                        s = timer.start()
                         total = total + fwd(batch, m)["loss"]
-                        per_mode[m].append(timer.ms(s))
-                    s = timer.start()
+                        end_mode(m)
                     total.backward()
-                    per_mode.setdefault("joint_backward", []).append(timer.ms(s))
+                    end_mode("joint_backward")
                     del total
+                elif engine is not None:  # exactly what the trainer runs
+                    optimizer_step(engine, [batch], modes, {}, after_micro_step=end_mode)
                 else:
-                    for i, m in enumerate(modes):
-                        if device.type == "cuda":
-                            base = torch.cuda.memory_allocated()
-                            torch.cuda.reset_peak_memory_stats()
-                        s = timer.start()
-                        loss = fwd(batch, m)["loss"]
-                        if engine is not None:
-                            if i in (0, len(modes) - 1):  # the trainer's ZeRO-2 offload work-around
-                                loss = loss + touch_all_trainables(model)
-                            engine.backward(loss)
-                            engine.step()
-                        else:
-                            loss.backward()
-                        del loss
-                        per_mode[m].append(timer.ms(s))
-                        if device.type == "cuda":
-                            mode_peak[m] = max(mode_peak[m], torch.cuda.max_memory_allocated() - base)
+                    for m in modes:
+                        fwd(batch, m)["loss"].backward()
+                        end_mode(m)
                 if engine is None:
-                    s = timer.start()
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                    per_mode.setdefault("optimizer", []).append(timer.ms(s))
+                    end_mode("optimizer")
                 if device.type == "cuda":
                     torch.cuda.synchronize()
+
+            for _ in range(args.warmup + args.steps):
+                t0 = time.perf_counter()
+                one_step()
                 steps.append(time.perf_counter() - t0)
             timed = steps[args.warmup:]
             dt = statistics.median(timed)
@@ -279,9 +316,10 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype) ->
                 first_step_s=steps[0],
             )
             if device.type == "cuda":
-                row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
-                row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
+                row["peak_reserved_gib"] = max(mark["reserved"], torch.cuda.max_memory_reserved()) / GiB
                 row["mode_act_peak_gib"] = {m: round(v / GiB, 3) for m, v in mode_peak.items()}
+            if profile_path is not None:
+                write_profile(one_step, profile_path, device)
     finally:
         model.adapter.spatial.detach()
         for m in compiled:
@@ -299,7 +337,9 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / total) if cap else 1.0)
     t0 = time.perf_counter()
     try:
-        row = run_one(stack, cfg, variant, res, mb, args, device, dtype)
+        spec = f"{cap:g}:{res}:{variant}:{mb}"
+        profile_path = Path(args.out_dir) / f"profile_{variant}_{res}_mb{mb}.txt" if spec == args.profile else None
+        row = run_one(stack, cfg, variant, res, mb, args, device, dtype, profile_path)
     except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
         row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
                    ckpt_unet=VARIANTS[variant]["ckpt_unet"], ckpt_te=VARIANTS[variant]["ckpt_te"],
@@ -456,6 +496,8 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the composed config")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--client-adam", action="store_true", help="torch AdamW instead of DeepSpeedCPUAdam when offloaded")
+    ap.add_argument("--profile", default="", help="cap:res:variant:mb - also write a torch.profiler table of that row")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out_dir), args.notes)

@@ -7,7 +7,9 @@
 * ``mapper`` — ``[IMG]`` hidden states -> Kolors conditioning (generation);
 * ``spatial`` — the layout adapter hooked into the UNet (generation).
 
-Exporting ``adapter.state_dict()`` gives exactly the artifact inference loads.
+Exporting ``adapter.state_dict()`` gives exactly the artifact inference loads. For training,
+:meth:`GillAdapter.flatten` stores the trainables in one tensor (:mod:`gill.flat_params`); names and
+the state dict stay the same.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from gill.flat_params import FlatParameters
 from gill.mapper import GillMapper
 from gill.spatial_adapter import SpatialAdapter
 
@@ -24,6 +27,8 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 
 class GillAdapter(nn.Module):
+    flat_params: FlatParameters | None = None
+
     def __init__(self, cfg, *, llm_dim: int, vision_dim: int, prompt_len: int, unet: nn.Module):
         super().__init__()
         self.num_prefix = cfg.prefix_tokens
@@ -52,6 +57,20 @@ class GillAdapter(nn.Module):
     def scale(self) -> torch.Tensor:
         """The retrieval temperature, clamped so the logits cannot blow up (CLIP's 100)."""
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+    def flatten(self) -> None:
+        """Keep every trainable in one flat parameter (fewer tensors for DeepSpeed's per-parameter work)."""
+        self.flat_params = FlatParameters(self)
+
+    def refresh(self) -> None:
+        """Fresh views of the flat parameter (a no-op unless flattened); called at each forward."""
+        if self.flat_params is not None:
+            self.flat_params.refresh()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.refresh()  # .to()/.bfloat16() replaced the flat parameter's storage
+        return self
 
     def parameter_groups(self) -> dict[str, int]:
         """Parameter count per part, for the parameter table."""

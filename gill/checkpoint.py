@@ -138,7 +138,8 @@ def full_fp32_state(adapter: torch.nn.Module) -> dict[str, torch.Tensor]:
         state[name] = (full if full is not None else p.detach()).float().cpu().contiguous()
     for name, b in adapter.named_buffers():
         state[name] = b.detach().float().cpu().contiguous()
-    return state
+    flat = getattr(adapter, "flat_params", None)
+    return flat.expand(state) if flat is not None else state
 
 
 def export_adapter(adapter: torch.nn.Module, path: str | Path, config: dict, step: int) -> None:

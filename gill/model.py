@@ -116,6 +116,7 @@ class GillModel(nn.Module):
     def forward(self, batch: dict, mode: str) -> dict:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+        self.adapter.refresh()
         return getattr(modes, mode)(self, batch)
 
     # ---- inputs ----------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
     stack = load_stack(cfg.model, device=device, dtype=dtype)
     torch.manual_seed(int(cfg.train.seed))  # the adapter's initial weights: same on every rank
     model = GillModel(stack, cfg.model).to(device)
+    if cfg.train.get("flat_params", True):
+        model.adapter.flatten()
     model.seed(int(cfg.train.seed) * 1000 + distributed.rank())
     sched = lr_lambda(cfg.train, max_steps_hint)
     engine, _, _, _ = deepspeed.initialize(
@@ -69,6 +71,7 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
         config=ds_config,
         lr_scheduler=lambda optimizer: make_scheduler(optimizer, sched),
     )
+    model.adapter.refresh()  # DeepSpeed moved the trainables into its own buffers
     return engine
 
 

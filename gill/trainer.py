@@ -40,10 +40,13 @@ def set_lr(engine, lr: float) -> None:
         group["lr"] = lr
 
 
-def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None) -> dict:
+def optimizer_step(
+    engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None, after_micro_step=None
+) -> dict:
     """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
 
-    ``before_update(engine)`` runs after the last backward, before the update (gradient probes).
+    ``before_update(engine)`` runs after the last backward, before the update (gradient probes);
+    ``after_micro_step(mode)`` after each mode's backward + ``engine.step()`` (per-mode timing).
 
     A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
     backward is collective), and the update is skipped by running the boundary step at lr 0: no
@@ -76,6 +79,8 @@ def optimizer_step(engine, micro_batches: list[dict], modes: list[str], mode_wei
             if i == n_micro:
                 reset_offload_accumulators(engine)
             del loss
+            if after_micro_step is not None:
+                after_micro_step(mode)
             for k, v in out.items():
                 key = f"{mode}/{k}"
                 sums[key] = sums.get(key, 0.0) + float(v.detach().float().mean()) / len(micro_batches)
