@@ -12,6 +12,9 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``default``  the project default recipe (``model=kolors_random deepspeed=zero2_offload``, as configured:
              the adapter trained as one flat tensor, ``train.flat_params``)
 ``default-pertensor``  default with ``train.flat_params=false`` (DeepSpeed sees ~600 adapter tensors)
+``default-te-nockpt``  default without gradient checkpointing of ChatGLM (its sequences are short)
+``default+cache``  default reading cached VAE latents / CLIP features (``python -m gill.cache``): the frozen
+             VAE and CLIP leave the GPU
 ``tuned``    default + the levers that measured well: cached VAE latents / CLIP features (the frozen
              VAE and CLIP leave the GPU), selective checkpointing (UNet only)
 ``tuned-z2``  tuned with ZeRO-2 keeping the optimizer state on the GPU (``deepspeed=zero2``)
@@ -69,6 +72,8 @@ VARIANTS = {
     "default": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=False),
     "default-pertensor": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=False,
                               flat=False),
+    "default-te-nockpt": dict(backward="per_mode", ckpt_unet=None, ckpt_te=False, engine="default", cached=False),
+    "default+cache": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=True),
     "tuned": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True),
     "tuned-z2": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True),
     "tuned-torch": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="torch", cached=True),
@@ -338,7 +343,8 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     t0 = time.perf_counter()
     try:
         spec = f"{cap:g}:{res}:{variant}:{mb}"
-        profile_path = Path(args.out_dir) / f"profile_{variant}_{res}_mb{mb}.txt" if spec == args.profile else None
+        wanted = spec in args.profile.split(",")
+        profile_path = Path(args.out_dir) / f"profile_{variant}_{res}_mb{mb}.txt" if wanted else None
         row = run_one(stack, cfg, variant, res, mb, args, device, dtype, profile_path)
     except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
         row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
@@ -497,7 +503,7 @@ def main(argv=None):
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
     ap.add_argument("--notes", default="")
     ap.add_argument("--client-adam", action="store_true", help="torch AdamW instead of DeepSpeedCPUAdam when offloaded")
-    ap.add_argument("--profile", default="", help="cap:res:variant:mb - also write a torch.profiler table of that row")
+    ap.add_argument("--profile", default="", help="cap:res:variant:mb,... - also write a torch.profiler table of these rows")
     args = ap.parse_args(argv)
     if args.merge:
         return merge(args.merge, Path(args.out_dir), args.notes)

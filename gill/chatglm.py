@@ -29,16 +29,18 @@ def run_chatglm(
     b, s, _ = inputs_embeds.shape
     # ChatGLM only reads input_ids' shape when inputs_embeds is given (and for the padding mask).
     dummy_ids = torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device)
+    # Contiguous copies, not transposed views: a linear on a strided [S, B, H] input falls back to a
+    # batched matmul over S with B-wide tiles (measured: 63% of a micro-batch-8 step's GPU time).
     out = text_encoder(
         input_ids=dummy_ids,
-        inputs_embeds=inputs_embeds.transpose(0, 1),
+        inputs_embeds=inputs_embeds.transpose(0, 1).contiguous(),
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=output_hidden_states,
         use_cache=False,
         return_dict=True,
     )
-    return out.last_hidden_state.transpose(0, 1), out.hidden_states
+    return out.last_hidden_state.transpose(0, 1).contiguous(), out.hidden_states
 
 
 def embed_tokens(text_encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -71,6 +73,6 @@ def encode_prompt(text_encoder, tokenizer, texts: list[str], max_length: int, de
     input_ids, attention_mask = tokenize(tokenizer, texts, max_length, padding=padding, device=device)
     embeds = embed_tokens(text_encoder, input_ids)
     _, hidden_states = run_chatglm(text_encoder, embeds, attention_mask, output_hidden_states=True)
-    prompt_embeds = hidden_states[-2].transpose(0, 1)
+    prompt_embeds = hidden_states[-2].transpose(0, 1).contiguous()
     pooled = hidden_states[-1][-1]
     return prompt_embeds, pooled

@@ -256,7 +256,7 @@ def _run_chatglm_nomask(te, embeds):
     b, s, _ = embeds.shape
     ids = torch.zeros(b, s, dtype=torch.long, device=embeds.device)
     pos = torch.arange(s, device=embeds.device)[None].expand(b, -1)
-    return te(input_ids=ids, inputs_embeds=embeds.transpose(0, 1), attention_mask=None, position_ids=pos,
+    return te(input_ids=ids, inputs_embeds=embeds.transpose(0, 1).contiguous(), attention_mask=None, position_ids=pos,
               use_cache=False, return_dict=True).last_hidden_state
 
 
