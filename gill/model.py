@@ -8,6 +8,7 @@ happens here; the three losses live in :mod:`gill.modes`.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import numpy as np
 import torch
@@ -19,6 +20,24 @@ from gill.chatglm import encode_prompt
 from gill.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
 
 MODES = ("captioning", "retrieval", "generation")
+
+
+# ---- the frozen encoders' outputs (training and the encoder cache share these) ------------------
+@torch.no_grad()
+def vae_posterior(vae, images) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` of the VAE posterior of PIL images (pre-scaling), on the VAE's device and
+    in its dtype. Pixels: RGB / 127.5 - 1, as diffusers' SDXL training does."""
+    arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
+    pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean, dist.std
+
+
+@torch.no_grad()
+def clip_image_embeds(vision, image_processor, images) -> torch.Tensor:
+    """CLIP ``image_embeds`` ``[B, Dv]`` of PIL images, on the tower's device and in its dtype."""
+    pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return vision(pixel_values=pixels.to(vision.device, vision.dtype)).image_embeds
 
 
 class PhraseCache:
@@ -84,6 +103,7 @@ class GillModel(nn.Module):
         self.adapter.spatial.attach(self.unet)
         self.phrases = PhraseCache(cfg.phrase_cache_size)
         self._empty_prompt = None
+        self._encoders_parked: torch.device | None = None  # see park_frozen_encoders
         # Random draws (noise, timesteps, dropouts, VAE sampling) come from this generator, whose
         # state is checkpointed: resume continues the exact same stream.
         self.rng = torch.Generator().manual_seed(0)
@@ -120,30 +140,75 @@ class GillModel(nn.Module):
         return getattr(modes, mode)(self, batch)
 
     # ---- inputs ----------------------------------------------------------------------------------
+    def upload(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A host tensor on the model's device without stalling the GPU (pinned, non-blocking copy:
+        a pageable copy waits for the queued kernels, and the GPU then idles while Python catches up)."""
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, dtype, non_blocking=True)
+
     def rand(self, *shape) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.rng).to(self.device)
+        return self.upload(torch.rand(*shape, generator=self.rng))
 
     def randn(self, *shape) -> torch.Tensor:
-        return torch.randn(*shape, generator=self.rng).to(self.device, self.dtype)
+        return self.upload(torch.randn(*shape, generator=self.rng), self.dtype)
 
     @torch.no_grad()
     def vision_features(self, batch: dict) -> torch.Tensor:
-        """CLIP image embeddings ``[B, Dv]`` (precomputed ``vision_features`` in the batch win)."""
+        """CLIP image embeddings ``[B, Dv]`` (precomputed ``vision_features`` in the batch win, e.g.
+        from the encoder cache, :mod:`gill.data.cache`)."""
         if "vision_features" in batch:
             return batch["vision_features"].to(self.device, self.dtype)
-        pixels = self.image_processor(images=batch["images"], return_tensors="pt")["pixel_values"]
-        return self.vision(pixel_values=pixels.to(self.device, self.vision.dtype)).image_embeds.to(self.dtype)
+        return clip_image_embeds(self.vision, self.image_processor, batch["images"]).to(self.device, self.dtype)
 
     @torch.no_grad()
     def latents(self, batch: dict) -> torch.Tensor:
-        """VAE latents, scaled (precomputed ``latents`` in the batch win)."""
+        """VAE latents, scaled: ``(mean + std * noise) * scaling_factor``, noise from :attr:`rng`.
+
+        The posterior comes from the batch's ``latent_mean`` / ``latent_std`` (the encoder cache)
+        or from encoding ``images``; either way the same noise is drawn from the same stream, so a
+        cached run samples exactly what an image run samples. Precomputed ``latents`` (already
+        sampled and scaled) win over both.
+        """
         if "latents" in batch:
             return batch["latents"].to(self.device, self.dtype)
-        arr = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in batch["images"]])
-        pixels = torch.from_numpy(arr).permute(0, 3, 1, 2).div(127.5).sub(1.0)
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=self.rng).to(dist.mean.device, dist.mean.dtype)
-        return (dist.mean + dist.std * noise).mul(self.vae.config.scaling_factor).to(self.dtype)
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+        else:
+            mean, std = vae_posterior(self.vae, batch["images"])
+        noise = torch.randn(mean.shape, generator=self.rng).to(mean.device, mean.dtype)
+        return (mean + std * noise).mul(self.vae.config.scaling_factor).to(self.device, self.dtype)
+
+    # ---- the frozen encoders off the accelerator (encoder cache) ----------------------------------
+    def park_frozen_encoders(self, device="cpu") -> int:
+        """Move the VAE and the CLIP tower to ``device`` (CPU): with the encoder cache, training
+        never runs them, so they need no accelerator memory. Returns the bytes of weights moved.
+        Call it after ``deepspeed.initialize`` (which moves and broadcasts every parameter).
+        :meth:`frozen_encoders_on_device` brings them back for validation/inference."""
+        moved = sum(p.numel() * p.element_size() for m in (self.vae, self.vision) for p in m.parameters())
+        self.vae.to(device)
+        self.vision.to(device)
+        self._encoders_parked = torch.device(device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return moved
+
+    @contextlib.contextmanager
+    def frozen_encoders_on_device(self):
+        """While inside: the VAE and the CLIP tower are on :attr:`device` (a no-op unless parked)."""
+        parked = self._encoders_parked
+        if parked is None or parked == self.device:
+            yield
+            return
+        self.vae.to(self.device)
+        self.vision.to(self.device)
+        try:
+            yield
+        finally:
+            self.vae.to(parked)
+            self.vision.to(parked)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     @torch.no_grad()
     def prompt_encoding(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

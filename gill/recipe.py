@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from gill import distributed
+from gill.data.cache import cache_enabled, open_cache
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
 from gill.ds_config import build_ds_config, resolve_precision
@@ -72,6 +73,12 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
         lr_scheduler=lambda optimizer: make_scheduler(optimizer, sched),
     )
     model.adapter.refresh()  # DeepSpeed moved the trainables into its own buffers
+    if cache_enabled(cfg):
+        # Training reads the encoders' outputs from the cache: the VAE and CLIP tower leave the
+        # accelerator (after initialize, which moves and broadcasts every parameter). Validation
+        # brings them back for its pass (GillModel.frozen_encoders_on_device).
+        moved = model.park_frozen_encoders("cpu")
+        log.info("encoder cache on: VAE + CLIP vision tower (%.1f MiB of weights) kept on the CPU", moved / 2**20)
     return engine
 
 
@@ -90,6 +97,9 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     ds_config = build_ds_config(cfg, distributed.world_size(), on_gpu=device.type == "cuda")
     resolve_precision(cfg.train.precision, device.type == "cuda")
     dataset = build_dataset(cfg.data, int(cfg.train.resolution), int(cfg.train.seed))
+    if cache_enabled(cfg):  # a stale or incomplete cache fails here, before any model loads
+        dataset = open_cache(cfg, dataset, on_gpu=device.type == "cuda")
+        log.info("training from the encoder cache %s (%d records)", cfg.cache.dir, len(dataset))
     val_cfg = cfg.data.get("val")
     val_dataset = build_dataset(val_cfg, int(cfg.train.resolution), int(cfg.train.seed)) if val_cfg else None
 

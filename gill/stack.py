@@ -343,28 +343,60 @@ def _load_random(device, dtype: torch.dtype, cache_dir: str | None) -> KolorsSta
 # ------------------------------------------------------------------------------------------------
 # public entry point
 # ------------------------------------------------------------------------------------------------
-def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
-    """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
-    cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+def resolve_stack_paths(model_cfg, build: bool = True) -> tuple[str, str]:
+    """``(pretrained_path, vision_path)`` of a ``tiny`` or ``kolors`` config, as :func:`load_stack`
+    reads them. ``build=False``: never build the tiny stack (its path is returned even if absent)."""
     name = _cfg_get(model_cfg, "name", "tiny")
-    dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     pretrained = _cfg_get(model_cfg, "pretrained_path")
     vision_path = _cfg_get(model_cfg, "vision_path")
     cache_dir = _cfg_get(model_cfg, "cache_dir")
-
-    if name == "kolors_random":
-        return _load_random(device, dtype, cache_dir)
     if name == "tiny":
-        path = os.path.expanduser(pretrained) if pretrained else ensure_tiny_stack(cache_dir)
+        if pretrained:
+            path = os.path.expanduser(pretrained)
+        elif build:
+            path = ensure_tiny_stack(cache_dir)
+        else:
+            path = os.path.abspath(os.path.expanduser(cache_dir or default_tiny_cache_dir()))
         vision_path = os.path.expanduser(vision_path) if vision_path else os.path.join(path, "image_encoder")
-        return _load_from_dir(path, vision_path, device, dtype)
+        return path, vision_path
     if name == "kolors":
         if not pretrained:
             raise ValueError("model.pretrained_path must point at a Kolors-diffusers directory for name=kolors")
         if not vision_path:
             raise ValueError("model.vision_path must point at a CLIP ViT-L/14-336 vision directory for name=kolors")
-        return _load_from_dir(os.path.expanduser(pretrained), os.path.expanduser(vision_path), device, dtype)
+        return os.path.expanduser(pretrained), os.path.expanduser(vision_path)
+    raise ValueError(f"model {name!r} has no weights on disk; expected tiny | kolors")
+
+
+def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
+    """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
+    cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+    name = _cfg_get(model_cfg, "name", "tiny")
+    dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    if name == "kolors_random":
+        return _load_random(device, dtype, _cfg_get(model_cfg, "cache_dir"))
+    if name in ("tiny", "kolors"):
+        return _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype)
     raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
+
+
+def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
+    """Only the VAE and the CLIP vision tower (+ its image processor) of a ``tiny``/``kolors`` stack,
+    loaded, cast and frozen exactly as :func:`load_stack` does: what the encoder cache
+    (``python -m gill.cache``) runs, without the UNet and ChatGLM. Returns ``(vae, vision, processor)``."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    path, vision_path = resolve_stack_paths(model_cfg)
+    check_kolors_dir(path)
+    check_vision_dir(vision_path)
+    vae = AutoencoderKL.from_pretrained(
+        path, subfolder="vae", use_safetensors=True, torch_dtype=_vae_dtype(dtype)
+    )
+    vision = CLIPVisionModelWithProjection.from_pretrained(vision_path, use_safetensors=True, dtype=dtype)
+    return (_freeze(vae, device, _vae_dtype(dtype)), _freeze(vision, device, dtype),
+            CLIPImageProcessor.from_pretrained(vision_path))
 
 
 def stack_parameter_rows(stack_or_modules) -> list[tuple[str, int]]:

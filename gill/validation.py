@@ -34,40 +34,43 @@ def evaluate(model, loader, train_cfg) -> tuple[dict, list[tuple[str, str]]]:
     was_training = model.training
     model.eval()
     rng_state = model.rng.get_state()
-    try:
-        txts, imgs, sums, n = [], [], {}, 0
-        captions: list[tuple[str, str]] = []
-        for i, batch in enumerate(loader):
-            if i >= int(train_cfg.val_batches):
-                break
-            t, im = embed_pairs(model, batch)
-            txts.append(t)
-            imgs.append(im)
-            for mode in ("captioning", "generation"):
-                for k, v in getattr(modes, mode)(model, batch).items():
-                    if k in ("loss", "token_acc", "mapper_loss", "diffusion_loss"):
-                        key = f"{mode}/{k}"
-                        sums[key] = sums.get(key, 0.0) + float(v)
-            n += 1
-            if len(captions) < int(train_cfg.val_captions):
-                from gill.inference.captioning import caption
+    # Validation runs on images: if the encoder cache parked the VAE / CLIP tower on the CPU for
+    # training, they come back to the device for this pass.
+    with model.frozen_encoders_on_device():
+        try:
+            txts, imgs, sums, n = [], [], {}, 0
+            captions: list[tuple[str, str]] = []
+            for i, batch in enumerate(loader):
+                if i >= int(train_cfg.val_batches):
+                    break
+                t, im = embed_pairs(model, batch)
+                txts.append(t)
+                imgs.append(im)
+                for mode in ("captioning", "generation"):
+                    for k, v in getattr(modes, mode)(model, batch).items():
+                        if k in ("loss", "token_acc", "mapper_loss", "diffusion_loss"):
+                            key = f"{mode}/{k}"
+                            sums[key] = sums.get(key, 0.0) + float(v)
+                n += 1
+                if len(captions) < int(train_cfg.val_captions):
+                    from gill.inference.captioning import caption
 
-                take = int(train_cfg.val_captions) - len(captions)
-                outs = caption(model, batch["images"][:take])
-                captions += list(zip(batch["captions"][:take], outs))
-        metrics = {k: v / max(n, 1) for k, v in sums.items()}
-        if txts:
-            sim = torch.cat(txts) @ torch.cat(imgs).T  # [texts, images]
-            metrics.update({
-                "retrieval/t2i_recall@1": recall_at_k(sim, 1),
-                "retrieval/t2i_recall@5": recall_at_k(sim, 5),
-                "retrieval/i2t_recall@1": recall_at_k(sim.T, 1),
-                "retrieval/i2t_recall@5": recall_at_k(sim.T, 5),
-            })
-        return metrics, captions
-    finally:
-        model.rng.set_state(rng_state)
-        model.train(was_training)
+                    take = int(train_cfg.val_captions) - len(captions)
+                    outs = caption(model, batch["images"][:take])
+                    captions += list(zip(batch["captions"][:take], outs))
+            metrics = {k: v / max(n, 1) for k, v in sums.items()}
+            if txts:
+                sim = torch.cat(txts) @ torch.cat(imgs).T  # [texts, images]
+                metrics.update({
+                    "retrieval/t2i_recall@1": recall_at_k(sim, 1),
+                    "retrieval/t2i_recall@5": recall_at_k(sim, 5),
+                    "retrieval/i2t_recall@1": recall_at_k(sim.T, 1),
+                    "retrieval/i2t_recall@5": recall_at_k(sim.T, 5),
+                })
+            return metrics, captions
+        finally:
+            model.rng.set_state(rng_state)
+            model.train(was_training)
 
 
 def render_validation_images(model, batch: dict, out_dir, step: int, *, max_images: int = 4, steps: int = 20,
@@ -83,16 +86,17 @@ def render_validation_images(model, batch: dict, out_dir, step: int, *, max_imag
     folder = Path(out_dir) / f"step_{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    try:
-        for i in range(min(max_images, len(batch["captions"]))):
-            n = int(batch["box_mask"][i].sum())
-            objects = [(batch["labels"][i][j], batch["boxes"][i, j].tolist()) for j in range(n)]
-            image = generate_layout(model, batch["captions"][i], objects, steps=steps, guidance_scale=guidance_scale,
-                                    beta=beta, seed=seed + i)[0]
-            side = max(256, image.width)
-            path = folder / f"{i:02d}_{batch['ids'][i] if 'ids' in batch else i}.png"
-            draw_layout(image.resize((side, side)), objects).save(path)
-            paths.append(path)
-    finally:
-        model.train(was_training)
-    return paths
+    with model.frozen_encoders_on_device():  # the VAE decodes, even if the cache parked it
+        try:
+            for i in range(min(max_images, len(batch["captions"]))):
+                n = int(batch["box_mask"][i].sum())
+                objects = [(batch["labels"][i][j], batch["boxes"][i, j].tolist()) for j in range(n)]
+                image = generate_layout(model, batch["captions"][i], objects, steps=steps, guidance_scale=guidance_scale,
+                                        beta=beta, seed=seed + i)[0]
+                side = max(256, image.width)
+                path = folder / f"{i:02d}_{batch['ids'][i] if 'ids' in batch else i}.png"
+                draw_layout(image.resize((side, side)), objects).save(path)
+                paths.append(path)
+        finally:
+            model.train(was_training)
+        return paths

@@ -7,7 +7,9 @@ Every dataset in ``gill/data`` returns items of this shape (the model side relie
      "original_size": (h, w), "crop_top_left": (top, left)}
 
 :func:`collate_layout` keeps images as PIL (the model's own processors make tensors) and pads
-boxes to the largest object count in the batch.
+boxes to the largest object count in the batch. Items of the encoder cache
+(:class:`gill.data.cache.CachedLayoutDataset`) carry ``latent_mean``, ``latent_std`` and
+``vision_features`` tensors instead of ``image``; those are stacked.
 """
 from __future__ import annotations
 
@@ -29,9 +31,16 @@ def collate_layout(items: list[dict]) -> dict:
         for j, obj in enumerate(it["objects"]):
             boxes[b, j] = torch.tensor(obj["bbox"], dtype=torch.float32)
             mask[b, j] = True
-    return {
-        "ids": [it["id"] for it in items],
-        "images": [it["image"] for it in items],
+    cached = ["latent_mean" in it for it in items]
+    if any(cached) and not all(cached):
+        raise ValueError("a batch mixes cached items (encoder outputs) and image items")
+    out = {"ids": [it["id"] for it in items]}
+    if all(cached):
+        for key in ("latent_mean", "latent_std", "vision_features"):
+            out[key] = torch.stack([it[key] for it in items])
+    else:
+        out["images"] = [it["image"] for it in items]
+    return out | {
         "captions": [it["caption"] for it in items],
         "labels": [[o["label"] for o in it["objects"]] for it in items],
         "boxes": boxes,

@@ -199,6 +199,19 @@ class LayoutDataset:
                 return self._item(i, image)
         raise RuntimeError(f"{self.path}: none of the {n} images can be decoded")
 
+    def item_at(self, index: int) -> dict | None:
+        """Item ``index`` itself, or ``None`` when its image cannot be decoded (counted and logged
+        as in :meth:`__getitem__`, which would substitute the next item instead). For passes that
+        must see every record exactly once, e.g. building the encoder cache."""
+        if not 0 <= index < len(self.records):
+            raise IndexError(index)
+        image = self._decode(index)
+        return None if image is None else self._item(index, image)
+
+    def is_random(self) -> bool:
+        """Whether items depend on the seed/epoch (random flip or random crop)."""
+        return self.transform.random_flip > 0.0 or not self.transform.center_crop
+
     def _item(self, index: int, image: Image.Image) -> dict:
         record = self.records[index]
         rng = np.random.default_rng((self.seed, self.epoch, index))

@@ -1,0 +1,221 @@
+"""The encoder cache (``python -m gill.cache``, gill/data/cache.py): shards and manifest hold what the
+frozen encoders compute, an interrupted build resumes to the same bytes, a training step from the
+cache equals one from images, stale/incomplete caches and random augmentations are refused before
+any model loads, malformed records are skipped and counted."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gill.cache import build_cache, compose_config
+from gill.data.cache import MANIFEST, CacheError, open_cache, read_shard_meta
+from gill.data.collate import build_dataset, collate_layout
+from gill.data.synthetic import SyntheticLayoutDataset, write_jsonl
+from gill.model import MODES, GillModel, clip_image_embeds, vae_posterior
+from gill.stack import load_frozen_encoders, load_stack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg_for(stack_dir, cache_dir, *extra):
+    size = [] if "data=layout" in extra else ["data.num_samples=10"]
+    return compose_config([f"model.pretrained_path={stack_dir}", f"cache.dir={cache_dir}", *size,
+                           "cache.shard_size=4", "cache.batch_size=3", *extra])
+
+
+def read_cache(root: Path) -> dict:
+    """Everything a cache is: manifest + every shard's tensors (as bytes) and metadata."""
+    out = {"manifest": json.loads((root / MANIFEST).read_text())}
+    for shard in sorted(root.glob("shard_*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out[shard.name] = ({k: f.get_tensor(k) for k in f.keys()}, f.metadata())
+    return out
+
+
+def test_build_writes_encoder_outputs_and_manifest(tiny_stack_dir, tmp_path):
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "c")
+    manifest = build_cache(cfg)
+    assert manifest["complete"] and manifest["records"] == 10 and manifest["num_items"] == 10
+    assert sorted(manifest["shards"]) == [f"shard_0000{j}.safetensors" for j in range(3)]
+    assert [manifest["shards"][s]["records"] for s in sorted(manifest["shards"])] == [4, 4, 2]
+    fp = manifest["fingerprint"]
+    assert fp["resolution"] == 64 and fp["dtype"] == "fp32" and fp["data"]["num_samples"] == 10
+    assert fp["model"]["path"] == tiny_stack_dir and fp["model"]["vae_config_sha256"]
+    assert not list((tmp_path / "c").glob("*.tmp"))
+
+    # Shard 1 = items 4..7: the posterior and embeddings of the preprocessed images, plus their metadata.
+    ds = SyntheticLayoutDataset(10, resolution=64, seed=0)
+    items = [ds[i] for i in range(4, 8)]
+    vae, vision, processor = load_frozen_encoders(cfg.model, device="cpu", dtype=torch.float32)
+    mean, std = vae_posterior(vae, [it["image"] for it in items])
+    embeds = clip_image_embeds(vision, processor, [it["image"] for it in items])
+    with safe_open(str(tmp_path / "c" / "shard_00001.safetensors"), framework="pt") as f:
+        assert f.get_tensor("latent_mean").shape == (4, 4, 16, 16)
+        # batches of 3 in the build vs 4 here: the same numbers up to CPU kernel blocking
+        torch.testing.assert_close(f.get_tensor("latent_mean"), mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f.get_tensor("latent_std"), std, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(f.get_tensor("image_embeds"), embeds, rtol=1e-5, atol=1e-6)
+    meta = read_shard_meta(tmp_path / "c" / "shard_00001.safetensors")
+    assert [r["index"] for r in meta["records"]] == [4, 5, 6, 7] and meta["skipped"] == []
+    for rec, it in zip(meta["records"], items):
+        assert rec["id"] == it["id"] and rec["caption"] == it["caption"]
+        assert [(o["label"], tuple(o["bbox"])) for o in rec["objects"]] == [(o["label"], o["bbox"]) for o in it["objects"]]
+
+    cached = open_cache(cfg, build_dataset(cfg.data, 64, 0), on_gpu=False)
+    assert len(cached) == 10 and cached[5]["id"] == items[1]["id"]
+    torch.testing.assert_close(cached[5]["latent_mean"], mean[1], rtol=1e-5, atol=1e-6)
+    batch = collate_layout([cached[i] for i in range(3)])
+    assert "images" not in batch and batch["latent_std"].shape == (3, 4, 16, 16)
+    assert batch["vision_features"].shape == (3, 32) and batch["boxes"].shape[0] == 3
+
+
+def test_interrupted_build_resumes_to_the_same_cache(tiny_stack_dir, tmp_path):
+    build_cache(cfg_for(tiny_stack_dir, tmp_path / "whole"))
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_after_first(j):
+        if j == 0:
+            raise Crash
+
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "split")
+    with pytest.raises(Crash):
+        build_cache(cfg, after_shard=crash_after_first)
+    manifest = json.loads((tmp_path / "split" / MANIFEST).read_text())
+    assert not manifest["complete"] and list(manifest["shards"]) == ["shard_00000.safetensors"]
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(cfg, build_dataset(cfg.data, 64, 0), on_gpu=False)
+    # What a kill can leave besides: a half-written temp file, and a renamed shard the manifest
+    # does not list yet (here: garbage). Both must be replaced, never trusted.
+    (tmp_path / "split" / "shard_00001.safetensors.tmp").write_bytes(b"half a shard")
+    (tmp_path / "split" / "shard_00002.safetensors").write_bytes(b"not listed in the manifest")
+
+    rebuilt = []
+    build_cache(cfg, after_shard=rebuilt.append)
+    assert rebuilt == [1, 2], "complete shards are skipped, the rest rebuilt"
+    whole, split = read_cache(tmp_path / "whole"), read_cache(tmp_path / "split")
+    assert whole["manifest"] == {**split["manifest"], "fingerprint": whole["manifest"]["fingerprint"]}
+    assert whole["manifest"]["fingerprint"]["data"] == split["manifest"]["fingerprint"]["data"]
+    assert set(whole) == set(split)
+    for name in whole:
+        if name != "manifest":
+            assert whole[name][1] == split[name][1]
+            for k, t in whole[name][0].items():
+                assert torch.equal(t, split[name][0][k]), (name, k)
+    assert not list((tmp_path / "split").glob("*.tmp"))
+
+
+def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_path):
+    """Same seed, same items: the losses and the adapter's gradients of all three modes agree.
+    The only difference is the VAE/CLIP batch (the cache encoded 3 images at a time, the image run
+    2): on CPU fp32 that moves the posterior in the last bits at most."""
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "c")
+    build_cache(cfg)
+    images = build_dataset(cfg.data, 64, 0)
+    cached = open_cache(cfg, images, on_gpu=False)
+    torch.manual_seed(0)
+    model = GillModel(load_stack(cfg.model, device="cpu", dtype=torch.float32), cfg.model)
+
+    def step(batch):
+        model.seed(123)
+        model.zero_grad(set_to_none=True)
+        losses = {}
+        for mode in MODES:
+            out = model(batch, mode)
+            out["loss"].backward()
+            losses[mode] = out["loss"].item()
+            if mode == "generation":
+                losses["diffusion"] = out["diffusion_loss"].item()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return losses, grads
+
+    idx = [2, 7]
+    from_images = step(collate_layout([images[i] for i in idx]))
+    from_cache = step(collate_layout([cached[i] for i in idx]))
+    assert from_images[0].keys() == from_cache[0].keys()
+    for k, v in from_images[0].items():
+        assert from_cache[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert from_images[1].keys() == from_cache[1].keys() and len(from_images[1]) > 0
+    for n, g in from_images[1].items():
+        torch.testing.assert_close(from_cache[1][n], g, rtol=1e-4, atol=1e-6)
+
+
+def test_stale_or_incomplete_cache_refused_before_any_model_loads(tiny_stack_dir, tmp_path, monkeypatch):
+    import gill.stack
+    from gill.recipe import run
+
+    build_cache(cfg_for(tiny_stack_dir, tmp_path / "c"))
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the cache was checked")
+
+    monkeypatch.setattr(gill.stack, "load_stack", no_model)
+    monkeypatch.setattr(gill.stack, "load_frozen_encoders", no_model)
+    out = f"train.output_dir={tmp_path / 'run'}"
+    with pytest.raises(CacheError, match=r"(?s)resolution: cache 64, config 128.*python -m gill.cache"):
+        run(cfg_for(tiny_stack_dir, tmp_path / "c", "train.resolution=128", out))
+    with pytest.raises(CacheError, match="data.num_samples: cache 10, config 12"):
+        run(cfg_for(tiny_stack_dir, tmp_path / "c", "data.num_samples=12", out))
+    with pytest.raises(CacheError, match="no encoder cache there"):
+        run(cfg_for(tiny_stack_dir, tmp_path / "nothing", out))
+    # the build refuses to mix configs in one folder too (unless cache.overwrite=true)
+    with pytest.raises(CacheError, match="cache.overwrite=true"):
+        build_cache(cfg_for(tiny_stack_dir, tmp_path / "c", "data.seed=1"))
+    # a shard gone missing after the build
+    (tmp_path / "c" / "shard_00002.safetensors").unlink()
+    with pytest.raises(CacheError, match="shard_00002.safetensors: missing"):
+        run(cfg_for(tiny_stack_dir, tmp_path / "c", out))
+    # random augmentations cannot be cached
+    jsonl = write_jsonl(SyntheticLayoutDataset(3, resolution=64, seed=0), tmp_path / "data")
+    for aug in ("data.random_flip=0.5", "data.center_crop=false"):
+        layout = ("data=layout", f"data.path={jsonl}", "data.random_flip=0", aug)
+        with pytest.raises(CacheError, match="random augmentations"):
+            run(cfg_for(tiny_stack_dir, tmp_path / "c2", *layout, out))
+        with pytest.raises(CacheError, match="random augmentations"):
+            build_cache(cfg_for(tiny_stack_dir, tmp_path / "c2", *layout))
+
+
+def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):
+    data = tmp_path / "data"
+    jsonl = write_jsonl(SyntheticLayoutDataset(6, resolution=64, seed=0), data)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    (data / records[3]["image"]).write_bytes(b"this is not a PNG")  # fails only when decoded
+    escape = {**records[0], "id": "escapes", "image": "../outside.png"}
+    jsonl.write_text("\n".join([json.dumps(r) for r in records] + ["{not json", json.dumps(escape)]) + "\n")
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "c", "data=layout", f"data.path={jsonl}", "data.random_flip=0")
+    manifest = build_cache(cfg)
+    assert manifest["skipped"] == {"undecodable_image": 1}
+    assert manifest["source_skipped"] == {"invalid_json": 1, "image_path_escapes_root": 1}
+    assert manifest["num_items"] == 6 and manifest["records"] == 5
+    meta = read_shard_meta(tmp_path / "c" / "shard_00000.safetensors")
+    assert meta["skipped"] == [{"index": 3, "id": records[3]["id"], "reason": "undecodable_image"}]
+    cached = open_cache(cfg, build_dataset(cfg.data, 64, 0), on_gpu=False)
+    ids = [cached[i]["id"] for i in range(len(cached))]
+    assert ids == [r["id"] for i, r in enumerate(records) if i != 3], "no substitute, no duplicate"
+
+
+def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env):
+    """The README's two commands: build with `python -m gill.cache`, train with cache.dir set."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "python -m gill.cache" in readme and "cache.dir" in readme
+    common = [f"model.pretrained_path={tiny_stack_dir}", f"cache.dir={tmp_path / 'c'}", "data.num_samples=8"]
+    proc = subprocess.run([sys.executable, "-m", "gill.cache", *common], cwd=ROOT, env=child_env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 8
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train_ds.py", *common, f"train.output_dir={out}", "train.max_steps=2", "train.save_every=0",
+         "train.val_batches=1", "train.val_images=1", "train.val_image_steps=2"],
+        cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "training from the encoder cache" in (out / "train_ds.log").read_text()
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"] == [1, 2]
+    assert any(r["split"] == "val" for r in train)
