@@ -24,7 +24,7 @@ def assemble_inputs(model, sequences: list[list[int]], slot_embeds: torch.Tensor
     """Left-pad id sequences, embed them, and fill the ``SLOT`` positions with ``slot_embeds``.
 
     ``slot_embeds`` is ``[B, m, H]`` with ``m`` slots per sequence, filled in order. Returns
-    ``(inputs_embeds [B, S, H], attention_mask [B, S], labels [B, S] or None)``.
+    ``(inputs_embeds [B, S, H], attention_mask [B, S], labels [B, S] on the CPU, or None)``.
     """
     width = max(len(s) for s in sequences)
     pad = model.tokenizer.pad_token_id
@@ -36,11 +36,11 @@ def assemble_inputs(model, sequences: list[list[int]], slot_embeds: torch.Tensor
         mask[i, width - len(seq):] = 1
         if labels is not None:
             lab[i, width - len(seq):] = torch.tensor(labels[i])
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    ids, mask = model.upload(ids), model.upload(mask)
     slots = ids == SLOT
     embeds = embed_tokens(model.text_encoder, ids.clamp(min=0))
     embeds = embeds.masked_scatter(slots[..., None], slot_embeds.to(embeds.dtype))
-    return embeds, mask, (lab.to(model.device) if lab is not None else None)
+    return embeds, mask, lab  # labels stay on the host: the loss picks its positions there
 
 
 def _prefix(model) -> list[int]:
@@ -63,12 +63,13 @@ def captioning(model, batch: dict) -> dict:
         labels.append([IGNORE] * len(head) + text)
     embeds, mask, labels = assemble_inputs(model, seqs, prefix, labels)
     hidden, _ = run_chatglm(model.text_encoder, embeds, mask)
-    # hidden[t] predicts token t+1: run the vocabulary head only where there is a target.
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
-    logits = lm_logits(model.text_encoder, hidden[:, :-1][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep])
-    acc = (logits.argmax(-1) == targets[keep]).float().mean()
+    # hidden[t] predicts token t+1: run the vocabulary head only where there is a target. The
+    # positions are found on the host (a boolean mask on the GPU would stall it to learn the size).
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    targets = model.upload(labels[:, 1:][rows, cols])
+    logits = lm_logits(model.text_encoder, hidden[:, :-1][model.upload(rows), model.upload(cols)]).float()
+    loss = F.cross_entropy(logits, targets)
+    acc = (logits.argmax(-1) == targets).float().mean()
     return {"loss": loss, "token_acc": acc.detach()}
 
 
@@ -121,21 +122,20 @@ def generation(model, batch: dict) -> dict:
 
     # Diffusion through the frozen UNet, conditioned on the caption encoding (a dropped caption
     # becomes the encoding of "", Kolors' unconditional input) and on the layout.
-    drop = model.rand(b) < model.caption_dropout
-    if drop.any():
-        empty_embeds, empty_pooled = model.empty_prompt()
-        prompt_embeds = torch.where(drop[:, None, None], empty_embeds, prompt_embeds)
-        pooled = torch.where(drop[:, None], empty_pooled, pooled)
+    drop = model.rand(b) < model.caption_dropout  # applied unconditionally: `if drop.any()` stalls the GPU
+    empty_embeds, empty_pooled = model.empty_prompt()
+    prompt_embeds = torch.where(drop[:, None, None], empty_embeds, prompt_embeds)
+    pooled = torch.where(drop[:, None], empty_pooled, pooled)
     latents = model.latents(batch)
     noise = model.randn(*latents.shape)
     steps = model.noise_scheduler.config.num_train_timesteps
     t = (model.rand(b) * steps).long().clamp(max=steps - 1)
     noisy = model.noise_scheduler.add_noise(latents, noise, t)
 
-    box_mask = batch["box_mask"].to(model.device)
+    box_mask = model.upload(batch["box_mask"])
     box_mask = box_mask & ~(model.rand(b) < model.layout_dropout)[:, None]  # null layout for guidance
     phrases = model.phrases(model, batch["labels"], box_mask.shape[1])
-    model.adapter.spatial.set_layout(phrases, batch["boxes"].to(model.device), box_mask, tuple(latents.shape[-2:]))
+    model.adapter.spatial.set_layout(phrases, model.upload(batch["boxes"]), box_mask, tuple(latents.shape[-2:]))
     pred = model.unet(
         noisy,
         t,

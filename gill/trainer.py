@@ -81,12 +81,15 @@ def optimizer_step(
             del loss
             if after_micro_step is not None:
                 after_micro_step(mode)
+            # Metrics stay on the device until the step ends: reading one now would stall the GPU
+            # while Python prepares the next mode.
             for k, v in out.items():
                 key = f"{mode}/{k}"
-                sums[key] = sums.get(key, 0.0) + float(v.detach().float().mean()) / len(micro_batches)
+                sums[key] = sums.get(key, 0.0) + v.detach().float().mean() / len(micro_batches)
             del out
-    sums["skipped"] = float(poisoned)
-    return sums
+    metrics = {k: float(v) for k, v in sums.items()}
+    metrics["skipped"] = float(poisoned)
+    return metrics
 
 
 class Trainer:

@@ -195,7 +195,9 @@ def test_per_mode_backward_keeps_one_graph_alive(tiny_stack_dir):
 
     assert per_mode.peak <= max(singles.values()) * 1.05, (per_mode.peak, singles)
     assert summed.peak >= sum(singles.values()) * 0.95, (summed.peak, singles)
-    assert per_mode.peak < summed.peak * 0.9
+    # What per-mode backward saves: every graph but the largest (generation dominates at tiny scale).
+    others = sum(singles.values()) - max(singles.values())
+    assert summed.peak - per_mode.peak >= 0.9 * others > 0, (summed.peak, per_mode.peak, singles)
 
 
 # ---- config contradictions -------------------------------------------------------------------------
