@@ -143,7 +143,7 @@ class GillModel(nn.Module):
     def upload(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A host tensor on the model's device without stalling the GPU (pinned, non-blocking copy:
         a pageable copy waits for the queued kernels, and the GPU then idles while Python catches up)."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and t.device.type == "cpu":
             t = t.pin_memory()
         return t.to(self.device, dtype, non_blocking=True)
 
@@ -158,7 +158,7 @@ class GillModel(nn.Module):
         """CLIP image embeddings ``[B, Dv]`` (precomputed ``vision_features`` in the batch win, e.g.
         from the encoder cache, :mod:`gill.data.cache`)."""
         if "vision_features" in batch:
-            return batch["vision_features"].to(self.device, self.dtype)
+            return self.upload(batch["vision_features"], self.dtype)
         return clip_image_embeds(self.vision, self.image_processor, batch["images"]).to(self.device, self.dtype)
 
     @torch.no_grad()
@@ -171,13 +171,14 @@ class GillModel(nn.Module):
         sampled and scaled) win over both.
         """
         if "latents" in batch:
-            return batch["latents"].to(self.device, self.dtype)
+            return self.upload(batch["latents"], self.dtype)
         if "latent_mean" in batch:
-            mean, std = batch["latent_mean"].to(self.device), batch["latent_std"].to(self.device)
+            mean, std = batch["latent_mean"], batch["latent_std"]
         else:
             mean, std = vae_posterior(self.vae, batch["images"])
-        noise = torch.randn(mean.shape, generator=self.rng).to(mean.device, mean.dtype)
-        return (mean + std * noise).mul(self.vae.config.scaling_factor).to(self.device, self.dtype)
+        mean, std = self.upload(mean), self.upload(std)
+        noise = self.upload(torch.randn(mean.shape, generator=self.rng), mean.dtype)
+        return (mean + std * noise).mul(self.vae.config.scaling_factor).to(self.dtype)
 
     # ---- the frozen encoders off the accelerator (encoder cache) ----------------------------------
     def park_frozen_encoders(self, device="cpu") -> int:
