@@ -112,8 +112,9 @@ def test_interrupted_build_resumes_to_the_same_cache(tiny_stack_dir, tmp_path):
 
 def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_path):
     """Same seed, same items: the losses and the adapter's gradients of all three modes agree.
-    The only difference is the VAE/CLIP batch (the cache encoded 3 images at a time, the image run
-    2): on CPU fp32 that moves the posterior in the last bits at most."""
+    The only difference is the VAE/CLIP batch composition (the cache encoded 3 images at a time,
+    the image run 2): on CPU fp32 that moves the posterior in the last bits, measured: losses
+    within 1.2e-7 (one ulp), gradients within 8e-7. (On an H200 in bf16 the losses were equal.)"""
     cfg = cfg_for(tiny_stack_dir, tmp_path / "c")
     build_cache(cfg)
     images = build_dataset(cfg.data, 64, 0)

@@ -276,6 +276,9 @@ class CachedLayoutDataset:
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def __getstate__(self) -> dict:  # spawned DataLoader workers: file handles do not pickle
+        return {**self.__dict__, "_handles": {}}
+
     def set_epoch(self, epoch: int) -> None:
         """Cached items do not change with the epoch (random augmentations are refused)."""
 
