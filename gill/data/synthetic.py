@@ -47,7 +47,9 @@ class SyntheticLayoutDataset:
 
     Every shape is drawn in a square pixel box of side ``min_size``..``max_size`` (fractions of
     the resolution) and fills it: the circle is inscribed, the square is the box. Items follow
-    the dataset contract of ``gill/data`` (see ``collate.py``); objects are listed largest first.
+    the dataset contract of ``gill/data`` (see ``collate.py``); objects are listed largest first
+    (ties: left to right, then top to bottom), and the caption names them in that order, so it is a
+    function of the image.
     """
 
     def __init__(self, num_samples: int, resolution: int = 64, seed: int = 0, min_objects: int = 1,
@@ -99,7 +101,9 @@ class SyntheticLayoutDataset:
         background = bg_names[int(rng.integers(len(bg_names)))]
         image = Image.new("RGB", (res, res), BACKGROUNDS[background])
         draw = ImageDraw.Draw(image)
-        boxes = sorted(self._layout(rng), key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+        # Largest first; equal sizes left to right, then top to bottom, so the object order (and with it
+        # the caption) is a function of the image alone, never of the sampling order.
+        boxes = sorted(self._layout(rng), key=lambda b: (-(b[2] - b[0]) * (b[3] - b[1]), b[0], b[1]))
         objects = []
         for box in boxes:
             color = color_names[int(rng.integers(len(color_names)))]
