@@ -21,9 +21,8 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned-torch``  tuned with a plain torch AdamW on the GPU instead of DeepSpeed
 ``fast-nockpt``  tuned-z2 without checkpointing (uncapped, large micro-batch: the MFU row)
 ``tuned-nockpt``   tuned without any checkpointing (for the uncapped, large-micro-batch rows)
-``tuned+compile``  tuned + regional ``torch.compile`` (:func:`compile_regions`: ChatGLM layers, UNet resnets,
-             the attention/feed-forward modules of the UNet's 70 transformer blocks; whole transformer
-             blocks recompile per block because each spatial hook closes over its block's name)
+``tuned+compile``  tuned + regional ``torch.compile`` (``model.compile``, :mod:`gill.compile`: ChatGLM layers,
+             UNet resnets, the attention/feed-forward modules of the UNet's 70 transformer blocks)
 ``fast-compile``  fast-nockpt + the same regional compile (the MFU row)
 ==========  ==============================================================================================
 
@@ -210,26 +209,6 @@ def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device, cli
     return engine, offload
 
 
-def compile_regions(model) -> list:
-    """Regional ``torch.compile``: each ChatGLM layer, each UNet resnet, and the attention and
-    feed-forward modules of each UNet transformer block (their ``forward``, so the spatial adapter's
-    hooks stay outside the graphs). Same-class regions share one compiled graph (modules are graph
-    inputs), so this compiles a handful of graphs, not hundreds. Returns the modules patched."""
-    import torch._dynamo.config as dynamo_config
-
-    dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
-    targets = []
-    for m in (*model.text_encoder.modules(), *model.unet.modules()):
-        kind = type(m).__name__
-        if kind in ("GLMBlock", "ResnetBlock2D"):
-            targets.append(m)
-        elif kind == "BasicTransformerBlock":
-            targets.extend((m.attn1, m.attn2, m.ff))
-    for m in targets:
-        m.forward = torch.compile(m.forward, dynamic=False)
-    return targets
-
-
 def write_profile(one_step, path: Path, device) -> None:
     """One more step under ``torch.profiler``: where the time goes, by CPU and by GPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -256,8 +235,12 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     ckpt_te = cfg.model.gradient_checkpointing.text_encoder if spec["ckpt_te"] is None else spec["ckpt_te"]
     engine_kind = spec["engine"]
     ds_file = cfg.deepspeed.file if engine_kind == "default" else f"{engine_kind}.json"
+    cfg = cfg.copy()
+    # The default rows compile as configured (model.compile); the others as their spec says.
+    cfg.model.compile = cfg.model.get("compile", False) if engine_kind == "default" else bool(spec.get("compile"))
     torch.manual_seed(0)
     model = GillModel(stack, cfg.model)
+    compiled = model.compiled_regions
     set_checkpointing(model, ckpt_unet, ckpt_te)
     cpu_copies: dict = {}
     ctx = encoders_off_gpu(model, stack, cpu_copies) if spec["cached"] else contextlib.nullcontext()
@@ -266,13 +249,10 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
                engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"],
                flat=flat)
-    compiled = []
     try:
         with ctx:
             model.adapter.to(device, dtype)
             model.train()
-            if spec.get("compile"):
-                compiled = compile_regions(model)
             batch = make_batch(cfg.model.name, res, mb, spec["cached"], device, dtype, args.caption_repeat)
             if engine_kind == "torch":
                 opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5, foreach=True)

@@ -17,6 +17,7 @@ from torch import nn
 from gill import modes
 from gill.adapter import GillAdapter
 from gill.chatglm import encode_prompt
+from gill.compile import compile_regions
 from gill.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
 
 MODES = ("captioning", "retrieval", "generation")
@@ -111,6 +112,7 @@ class GillModel(nn.Module):
             self.unet.enable_gradient_checkpointing()
         if cfg.gradient_checkpointing.text_encoder:
             self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.compiled_regions = compile_regions(self.text_encoder, self.unet) if cfg.get("compile", False) else []
 
     # ---- housekeeping -------------------------------------------------------------------------
     def train(self, mode: bool = True):
