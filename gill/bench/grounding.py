@@ -26,7 +26,8 @@ Three stages (docs/grounding_benchmark.md explains every choice):
     colour-threshold detector of :mod:`gill.bench.detector` (IoU per requested box, success = IoU
     > 0.5); retrieval recall@1 and greedy-caption exact match on held-out pairs.
 
-Everything is seeded. Stages are cached under ``--work-dir`` by preset, so a re-run only evaluates.
+Everything is seeded. Stages are cached under ``--work-dir`` by preset, seed and a hash of their
+definition (``STANDIN_VERSION`` for code changes), so a re-run only evaluates.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ class Preset:
     unet_batch: int = 24
     unet_lr: float = 2e-3
     unet_high_noise: float = 0.5  # share of UNet pretraining timesteps drawn from the noisier half
-    adapter_steps: int = 600
+    adapter_steps: int = 3000
     adapter_batch: int = 16
     adapter_lr: float = 1e-2  # tanh gates start at 0 and Adam moves them ~lr per step
     caption_dropout: float = 0.5
@@ -263,12 +264,26 @@ def train_unet(stack, latents_mean, latents_std, scale, prompt_embeds, pooled, p
     return {"unet_eps_mse": statistics.mean(losses[-50:]), "unet_s": time.perf_counter() - t0}
 
 
+def _key(obj) -> str:
+    """A short content hash for cache directory names: a changed stage definition gets a new directory."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def standin_key(p: Preset) -> str:
+    """Hash of the preset fields the stand-in depends on (adapter/eval settings do not rebuild it)."""
+    fields = ("resolution", "pool", "vae", "vae_steps", "vae_batch", "vae_lr", "unet_steps", "unet_batch", "unet_lr",
+              "unet_high_noise", "tv_steps", "tv_batch", "tv_lr", "tv_attr_weight")
+    return _key({f: getattr(p, f) for f in fields})
+
+
 def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0) -> tuple[Path, dict]:
     """The stand-in frozen stack directory (built once per preset; returns it and build stats)."""
     from gill.data.synthetic import SyntheticLayoutDataset
     from gill.stack import ensure_tiny_stack, load_stack
 
-    final = work_dir / f"standin-{p.name}-{STANDIN_VERSION}-seed{seed}"
+    final = work_dir / f"standin-{p.name}-{STANDIN_VERSION}-{standin_key(p)}-seed{seed}"
     stats_file = final / "STANDIN.json"
     if stats_file.is_file():
         log.info("stand-in stack: reusing %s", final)
@@ -778,8 +793,9 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
     off = None
     for inj in injections:
         inner, params = dims[inj]
-        run_dir = work_dir / f"adapter-{p.name}-{STANDIN_VERSION}-{inj}-seed{seed}"
-        info = train_with_trainer(stack_dir, run_dir, adapter_overrides(p, inj, inner, seed))
+        overrides = adapter_overrides(p, inj, inner, seed)
+        run_dir = work_dir / f"adapter-{p.name}-{stack_dir.name}-{inj}-{_key(overrides)}"
+        info = train_with_trainer(stack_dir, run_dir, overrides)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
         save = images_dir / inj if images_dir else None
         on = grounding_scores(model, layouts, p, beta=p.beta, save_dir=save, save_first=8)
@@ -793,8 +809,9 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
         del model
     results["off"] = off
     if p.cr_steps > 0:
-        run_dir = work_dir / f"capret-{p.name}-{STANDIN_VERSION}-seed{seed}"
-        info = train_with_trainer(stack_dir, run_dir, cr_overrides(p, seed))
+        overrides = cr_overrides(p, seed)
+        run_dir = work_dir / f"capret-{p.name}-{stack_dir.name}-{_key(overrides)}"
+        info = train_with_trainer(stack_dir, run_dir, overrides)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
         results["captioning_retrieval"] = {"train": info, **caption_retrieval_scores(model, heldout_layouts(p, p.eval_pairs, seed=1))}
     results["total_s"] = time.perf_counter() - t_start
