@@ -93,7 +93,7 @@ PRESETS = {
     "cpu": Preset("cpu"),
     "gpu": Preset("gpu", pool=8192, vae_steps=3000, vae_batch=64, unet_steps=8000, unet_batch=128,
                   adapter_steps=3000, adapter_batch=64, cr_steps=3000, cr_batch=64, eval_layouts=256,
-                  eval_pairs=256, sample_steps=30, tv_steps=20000, tv_batch=128),
+                  eval_pairs=256, sample_steps=30, tv_steps=10000, tv_batch=128),
 }
 
 
@@ -868,8 +868,8 @@ def render_markdown(res: dict, command: str) -> str:
                   f"{STANDIN_VISION_CONFIG['num_hidden_layers']} layers) pretrained together {p['tv_steps']} steps x batch "
                   f"{p['tv_batch']} (fresh train images each step), {s['tv_s'] / 60:.1f} min, then frozen. Held-out (128 `val` "
                   f"images), through the pretraining-only heads: caption exact match {s['tv_eval_caption_exact']:.3f}, "
-                  f"contrastive recall@1 t2i {s['tv_eval_t2i_recall@1']:.3f} / i2t {s['tv_eval_i2t_recall@1']:.3f} — the "
-                  "ceiling the trainer's fresh visual prefix / projections can be expected to approach."]
+                  f"contrastive recall@1 t2i {s['tv_eval_t2i_recall@1']:.3f} / i2t {s['tv_eval_i2t_recall@1']:.3f} (over 128, "
+                  "for comparison with the trainer's own prefix / projections below)."]
     te = res.get("text_encoder")
     if te:
         lines += ["", "Phrase vectors (ChatGLM pooled vector of a label, what the spatial adapter reads), leave-one-out "
