@@ -19,18 +19,18 @@ sys.path.insert(0, str(ROOT))
 from gill.plan import GiB, plan  # noqa: E402
 
 CARDS = [("24 GB x1", 24, 1), ("24 GB x3", 24, 3), ("48 GB", 48, 1), ("80 GB", 80, 1), ("141 GB (H200)", 139.8, 1)]
-RECIPES = {
-    "default (zero2_offload, ckpt UNet+ChatGLM, raw images)": ([], False, "deepspeed"),
-    "cached features + ckpt UNet only (zero2_offload)": (["model.gradient_checkpointing.text_encoder=false"], True, "deepspeed"),
-    "cached features + ckpt UNet only, plain AdamW on GPU": (["model.gradient_checkpointing.text_encoder=false"], True, "torch"),
-    "cached features, no checkpointing (zero2)": (["model.gradient_checkpointing.unet=false",
-                                                   "model.gradient_checkpointing.text_encoder=false", "deepspeed=zero2"], True, "deepspeed"),
+RECIPES = {  # the Kolors config (conf/model/kolors.yaml): UNet checkpointed, ChatGLM not, compiled
+    "Kolors default + encoder cache (zero2_offload)": ([], True, "deepspeed"),
+    "Kolors default, raw images (zero2_offload)": ([], False, "deepspeed"),
+    "raw images, ChatGLM checkpointed too (zero2_offload)": (["model.gradient_checkpointing.text_encoder=true"], False,
+                                                             "deepspeed"),
+    "encoder cache, no checkpointing (zero2)": (["model.gradient_checkpointing.unet=false", "deepspeed=zero2"], True,
+                                                "deepspeed"),
 }
-MEASURED = {  # (recipe key, res, mb) -> benchmark variant measured under the 24 GiB cap / uncapped
-    ("default (zero2_offload, ckpt UNet+ChatGLM, raw images)", 1024): ("default", 24.0),
-    ("default (zero2_offload, ckpt UNet+ChatGLM, raw images)", 512): ("default", 24.0),
-    ("cached features + ckpt UNet only (zero2_offload)", 1024): ("tuned", 24.0),
-    ("cached features + ckpt UNet only, plain AdamW on GPU", 1024): ("tuned-torch", 24.0),
+MEASURED = {  # (recipe key, res) -> benchmark variant measured (benchmarks/step_benchmark.json) and its cap
+    ("Kolors default + encoder cache (zero2_offload)", 1024): ("tuned", 24.0),
+    ("Kolors default, raw images (zero2_offload)", 1024): ("default-te-nockpt", 24.0),
+    ("raw images, ChatGLM checkpointed too (zero2_offload)", 1024): ("default", 24.0),
 }
 
 
@@ -62,8 +62,10 @@ def main():
                     best = mb
                 cell = ("≥ 16" if best == 16 else str(best)) if best else "does not fit"
                 m = MEASURED.get((name, res))
-                if m and best and world == 1 and gib == 24 and (m[0], res, best, m[1]) in ok:
-                    cell += " (measured)"
+                if m and best and world == 1 and gib == 24:
+                    fitted = [mb for (v, r, mb, cap) in ok if (v, r, cap) == (m[0], res, m[1])]
+                    if fitted:
+                        cell += f" (measured: mb {max(fitted)} fits)"
                 cells.append(cell)
             print(f"| {card} | {name} | {cells[0]} | {cells[1]} | {peak1 / GiB:.1f} GiB |")
 

@@ -248,7 +248,7 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     flat = engine_kind != "torch" and spec.get("flat", bool(cfg.train.flat_params))
     row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
                engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"],
-               flat=flat)
+               flat=flat, compile=bool(cfg.model.compile))
     try:
         with ctx:
             model.adapter.to(device, dtype)
@@ -432,25 +432,32 @@ def fmt_table(rows: list[dict], meta: dict) -> str:
         "",
         *([f"Merged runs: {meta['runs']}", ""] if meta.get("runs") else []),
         *([f"Notes: {meta['notes']}", ""] if meta.get("notes") else []),
-        "| run | cap | res | strategy | mb | ckpt U/T | cached | status | peak reserved GiB | samples/s | "
+        "Columns: ckpt U/T = gradient checkpointing of UNet / ChatGLM; cached = VAE latents and CLIP features "
+        "precomputed (the encoder cache); flat = adapter trained as one tensor (DeepSpeed rows); compiled = "
+        "regional torch.compile.",
+        "",
+        "| run | cap | res | strategy | mb | ckpt U/T | cached | flat | compiled | status | peak reserved GiB | samples/s | "
         "ms per mode (cap / ret / gen / other) | MFU |",
-        "|---|---|---:|---|---:|---|---|---|---:|---:|---|---:|",
+        "|---|---|---:|---|---:|---|---|---|---|---|---:|---:|---|---:|",
     ]
     for r in rows:
         cap = f"{r['cap_gib']} GiB" if r.get("cap_gib") else "none"
         ck = f"{'Y' if r.get('ckpt_unet') else 'N'}/{'Y' if r.get('ckpt_te') else 'N'}"
+        flat = {True: "Y", False: "N", None: "-"}[r.get("flat")]
+        comp = "Y" if r.get("compile", "compile" in r["variant"]) else "N"
+        ck = f"{ck} | {'Y' if r.get('cached') else 'N'} | {flat} | {comp}"
         if r.get("status") == "ok":
             mp = r["ms_per_mode"]
             other = mp.get("joint_backward", mp.get("optimizer"))
             ms = " / ".join(f"{mp.get(k, 0):.0f}" for k in ("captioning", "retrieval", "generation"))
             ms += f" / {other:.0f}" if other is not None else " / -"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | {'Y' if r['cached'] else 'N'} | ok | "
+            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | ok | "
                          f"{r.get('peak_reserved_gib', float('nan')):.2f} | {r['samples_per_s']:.3f} | {ms} | {mfu} |")
         else:
             pk = r.get("peak_reserved_gib")
             pk = f"{pk:.2f}" if pk is not None else "-"
-            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | {'Y' if r.get('cached') else 'N'} | "
+            lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | "
                          f"{r['status']} | {pk} | - | - | - |")
     return "\n".join(lines) + "\n"
 
@@ -463,11 +470,11 @@ def write(rows, meta, out_dir: Path, also: Path | None):
 
 
 # ------------------------------------------------------------------------------------------------
-def merge(paths: list[str], out_dir: Path, notes: str = "") -> None:
+def merge(paths: list[str], out_dir: Path, notes: str = "", first_run: int = 1) -> None:
     """Several runs' JSON -> one table (rows keep their run number; ratios only within a run).
     Model FLOPs are a property of the model and shapes, so a count from any run applies to all."""
     metas, rows = [], []
-    for i, path in enumerate(paths, 1):
+    for i, path in enumerate(paths, first_run):
         data = json.loads(Path(path).read_text())
         metas.append(data["meta"])
         rows += [dict(r, run=i) for r in data["rows"]]
@@ -476,7 +483,7 @@ def merge(paths: list[str], out_dir: Path, notes: str = "") -> None:
         if r["status"] == "ok" and flops.get(str(r["res"])):
             r["mfu"] = flops[str(r["res"])] * r["samples_per_s"] / PEAK_BF16_FLOPS
     meta = dict(metas[-1], flops=flops, notes=notes,
-                runs="; ".join(f"run {i}: `{m['command']}` ({m['when']})" for i, m in enumerate(metas, 1)))
+                runs="; ".join(f"run {i}: `{m['command']}` ({m['when']})" for i, m in enumerate(metas, first_run)))
     meta["command"] = "python benchmarks/step_benchmark.py --merge " + " ".join(Path(p).name for p in paths)
     write(rows, meta, out_dir, None)
 
@@ -501,11 +508,12 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the composed config")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
     ap.add_argument("--notes", default="")
+    ap.add_argument("--first-run", type=int, default=1, help="--merge: number of the first run")
     ap.add_argument("--client-adam", action="store_true", help="torch AdamW instead of DeepSpeedCPUAdam when offloaded")
     ap.add_argument("--profile", default="", help="cap:res:variant:mb,... - also write a torch.profiler table of these rows")
     args = ap.parse_args(argv)
     if args.merge:
-        return merge(args.merge, Path(args.out_dir), args.notes)
+        return merge(args.merge, Path(args.out_dir), args.notes, args.first_run)
     t_start = time.perf_counter()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")

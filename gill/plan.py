@@ -450,7 +450,8 @@ def main(argv: list[str] | None = None) -> Plan:
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=list(args.overrides))
-    p = plan(cfg, args.world_size, args.card_gib, args.cached, args.optimizer)
+    cached = args.cached or bool(cfg.get("cache", {}).get("dir"))  # the encoder cache (python -m gill.cache)
+    p = plan(cfg, args.world_size, args.card_gib, cached, args.optimizer)
     print(p.table())
     return p
 
