@@ -21,9 +21,11 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> None:
+    from gill.distributed import shutdown
     from gill.recipe import run
 
     run(cfg, HydraConfig.get().runtime.output_dir)
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -102,6 +102,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group together, at the end of a launched run: a rank that exits with the
+    backend's threads still alive can abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
