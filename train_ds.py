@@ -17,6 +17,7 @@ sys.argv = strip_local_rank(sys.argv) + hydra_rank_overrides()
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -25,7 +26,8 @@ def main(cfg) -> None:
     from gill.recipe import run
 
     run(cfg, HydraConfig.get().runtime.output_dir)
-    shutdown()
+    if HydraConfig.get().mode != RunMode.MULTIRUN:  # a one-process sweep's next job reuses the group
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -29,3 +29,19 @@ def test_readme_main_job(tmp_path, child_env):
     assert list((out / "tb").iterdir()) and (out / ".hydra" / "config.yaml").exists()
     # validation images come from the inference path, boxes drawn
     assert len(list((out / "val_images" / "step_00000004").glob("*.png"))) == 2
+
+
+def test_one_process_sweep_runs_every_job(tmp_path, child_env):
+    """`python train_ds.py -m a=1,2`: jobs run one after another in one process and share its
+    process group (a run that tore the group down broke the next job's DeepSpeed engine)."""
+    proc = subprocess.run(
+        [sys.executable, "train_ds.py", "-m", "train.lr=1e-4,2e-4", "train.max_steps=1", "data.val=null",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=child_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, lr in ((0, 1e-4), (1, 2e-4)):
+        run = tmp_path / "sweep" / str(job)
+        assert (run / "adapter.safetensors").exists(), job
+        first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert abs(first["lr"] - lr) < 1e-12, (job, first)
