@@ -111,6 +111,14 @@ def retrieval(model, batch: dict) -> dict:
     return {"loss": loss, "i2t_acc": acc.detach(), "negatives": torch.tensor(all_txt.shape[0] - 1)}
 
 
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over the target's mean square: scale-free. ChatGLM's hidden states are large, so a plain
+    MSE swamped the diffusion loss and, through the global gradient clip, shrank the spatial
+    adapter's updates (grounding benchmark, 600 steps: mIoU 0.35 with it vs 0.43 without a mapper loss)."""
+    target = target.float()
+    return F.mse_loss(pred.float(), target) / target.pow(2).mean().clamp(min=1e-12)
+
+
 def generation(model, batch: dict) -> dict:
     captions = batch["captions"]
     b = len(captions)
@@ -118,7 +126,7 @@ def generation(model, batch: dict) -> dict:
 
     # GILL mapper: regress ChatGLM's own encoding of the caption from the [IMG] hidden states.
     tokens, pooled_pred = model.adapter.mapper(img_token_hidden(model, captions))
-    mapper_loss = F.mse_loss(tokens.float(), prompt_embeds.float()) + F.mse_loss(pooled_pred.float(), pooled.float())
+    mapper_loss = relative_mse(tokens, prompt_embeds) + relative_mse(pooled_pred, pooled)
 
     # Diffusion through the frozen UNet, conditioned on the caption encoding (a dropped caption
     # becomes the encoding of "", Kolors' unconditional input) and on the layout.

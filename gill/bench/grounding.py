@@ -779,6 +779,11 @@ def load_for_eval(adapter_path: Path, device):
     return load_trained(adapter_path, device=device, dtype="fp32")
 
 
+# Part of the adapter stage's cache key: bump when the trainer's generation loss changes (v2: the
+# mapper's relative MSE, gill.modes.relative_mse).
+ADAPTER_LOSS_VERSION = "generation-loss-v2"
+
+
 def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: torch.device, seed: int = 0,
                   images_dir: Path | None = None) -> dict:
     p = PRESETS[preset]
@@ -794,7 +799,7 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
     for inj in injections:
         inner, params = dims[inj]
         overrides = adapter_overrides(p, inj, inner, seed)
-        run_dir = work_dir / f"adapter-{p.name}-{stack_dir.name}-{inj}-{_key(overrides)}"
+        run_dir = work_dir / f"adapter-{p.name}-{stack_dir.name}-{inj}-{_key([*overrides, ADAPTER_LOSS_VERSION])}"
         info = train_with_trainer(stack_dir, run_dir, overrides)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
         save = images_dir / inj if images_dir else None
