@@ -173,8 +173,11 @@ def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack
     assert kinds == {"GLMBlock", "ResnetBlock2D", "Attention", "FeedForward"}, kinds
     compiled = mode_gradients(model, batch)
     assert compiled.keys() == eager.keys()
-    for n in eager:  # inductor fuses and reorders fp32 arithmetic: ~1e-6 relative
-        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-4, atol=1e-6)
+    for n in eager:
+        # Inductor fuses and reorders fp32 arithmetic: ~1e-6 relative per tensor, up to ~3e-4 on the
+        # scalar gates, whose gradient is a sum of many cancelling terms. A lost hook would be O(1).
+        err = (compiled[n] - eager[n]).norm() / eager[n].norm().clamp(min=1e-12)
+        assert err <= 2e-3, (n, float(err))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
