@@ -64,10 +64,6 @@ class FlatParameters:
         module.register_load_state_dict_pre_hook(lambda *args: self._load_state_dict_hook(*args))
         self.refresh()
 
-    @property
-    def names(self) -> list[str]:
-        return [s.name for s in self.slots]
-
     def refresh(self) -> None:
         """Point every owner's attribute at a fresh view of the current ``flat``."""
         # One split, not a slice per parameter: the backward of a slice materialises a zero tensor
