@@ -60,7 +60,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GiB = 2**30
+from gill.resources import GiB, cap_gpu_memory  # noqa: E402
+
 PEAK_BF16_FLOPS = 790e12  # measured bf16 GEMM rate on this H200 (KINDS.md: 769-798 TFLOP/s)
 
 VARIANTS = {
@@ -336,9 +337,7 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
 
 def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) -> dict:
     """One row under an emulated card of ``cap`` GiB (0: uncapped); never raises."""
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap * GiB / total) if cap else 1.0)
+    cap_gpu_memory(device, cap)
     t0 = time.perf_counter()
     try:
         spec = f"{cap:g}:{res}:{variant}:{mb}"

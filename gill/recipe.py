@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from gill import distributed
+from gill import distributed, resources
 from gill.data.cache import cache_enabled, open_cache
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
@@ -93,6 +93,10 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     from gill.trainer import Trainer
 
     device = distributed.device_for_rank()
+    cap = cfg.train.get("gpu_memory_cap_gib")
+    fraction = resources.cap_gpu_memory(device, cap)
+    if cap and fraction is not None:
+        log.info("GPU memory capped at %s GiB (%.3f of %s)", cfg.train.gpu_memory_cap_gib, fraction, device)
     # Config-only checks first: a contradiction must fail before minutes of model loading.
     ds_config = build_ds_config(cfg, distributed.world_size(), on_gpu=device.type == "cuda")
     resolve_precision(cfg.train.precision, device.type == "cuda")

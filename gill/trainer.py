@@ -6,7 +6,8 @@ the optimizer on the boundary, so peak activation memory is one mode's graph, no
 OOM). Every rank runs the same modes in the same order: ZeRO-2 reduces during each backward.
 
 Also here: non-finite loss handling, progress/TensorBoard logging, periodic validation,
-checkpoint/resume, and SIGTERM/SIGINT (finish the step, save, exit 0).
+checkpoint/resume, SIGTERM/SIGINT and ``train.time_limit_min`` (finish the step, save, exit 0), and the
+per-rank resource report at the end (gill/resources.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gill import distributed
+from gill import distributed, resources
 from gill.checkpoint import CheckpointManager, export_adapter
 from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
 
@@ -196,6 +197,8 @@ class Trainer:
         samples_per_step = int(self.t.micro_batch_size) * self.grad_accum * world
         stream = self._micro_batches()
         last = {}
+        limit_s = float(self.t.get("time_limit_min") or 0) * 60
+        started = time.monotonic()
         try:
             while self.step < self.max_steps:
                 micro = [next(stream) for _ in range(self.grad_accum)]
@@ -206,13 +209,18 @@ class Trainer:
                 self._check_finite(metrics)
                 metrics["lr"] = self.engine.get_lr()[0]
                 metrics["samples_per_s"] = samples_per_step / dt
+                metrics["step_s"] = dt
+                peak = resources.gpu_peak_gib(self.model.device)
+                if peak is not None:
+                    metrics["gpu_peak_gib"] = peak
                 last = metrics
                 if main:
                     bar.update(1)
                     bar.set_postfix(self._postfix(metrics), refresh=False)
                     if self.step % max(1, int(self.t.log_every)) == 0 or self.step == self.max_steps:
                         self._log(metrics, "train")
-                stop = distributed.any_rank(self._stop)
+                out_of_time = limit_s > 0 and time.monotonic() - started >= limit_s
+                stop = distributed.any_rank(self._stop or out_of_time)
                 at_end = self.step == self.max_steps
                 if self.has_val and (
                     (self.t.val_every and self.step % int(self.t.val_every) == 0) or at_end
@@ -223,15 +231,21 @@ class Trainer:
                 if stop or at_end or (periodic and not metrics["skipped"]):
                     self.save()
                 if stop:
-                    log.warning("stopped by signal at step %d; checkpoint saved", self.step)
+                    why = "by signal" if distributed.any_rank(self._stop) else "at train.time_limit_min"
+                    log.warning("stopped %s at step %d; checkpoint saved", why, self.step)
                     break
         finally:
             bar.close()
             if self.writer is not None:
                 self.writer.close()
         last["replicas_identical"] = float(distributed.identical_across_ranks(self.model.adapter))
+        last["per_rank"] = distributed.all_gather_object(resources.rank_report(self.engine, self.model.device))
         if main:
             log.info("trainables identical on all %d ranks: %s", world, bool(last["replicas_identical"]))
+            for r, rep in enumerate(last["per_rank"]):
+                log.info("rank %d: GPU peak %s GiB, optimizer state %s GiB, host peak RSS %.1f GiB", r,
+                         None if rep["gpu_peak_gib"] is None else round(rep["gpu_peak_gib"], 2),
+                         {d: round(v, 3) for d, v in rep["optimizer_state_gib"].items()}, rep["host_peak_rss_gib"])
             with open(self.metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"split": "final", "step": self.step, **last}) + "\n")
         return last

@@ -257,6 +257,17 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
     final = [r for r in records if r["split"] == "final"][-1]
     assert final["replicas_identical"] == 1.0
     assert (out / "adapter.safetensors").exists() and (out / "checkpoints" / "step_00000004" / MARKER).exists()
+    # ZeRO-2 in numbers: each rank keeps half of the fp32 master weights, their gradients and Adam's
+    # two moments, on the CPU (offloaded optimizer); never a full copy.
+    n_trainable = sum(t.numel() for t in load_file(out / "adapter.safetensors").values())
+    full = n_trainable * 4 / 2**30
+    assert len(final["per_rank"]) == 2
+    for rank_report in final["per_rank"]:
+        detail = rank_report["optimizer_state_detail_gib"]
+        assert set(rank_report["optimizer_state_gib"]) == {"cpu"}
+        assert full / 2 <= detail["master"]["cpu"] <= full / 2 * 1.01, (detail, full)
+        assert detail["grads"]["cpu"] == detail["master"]["cpu"]
+        assert detail["moments"]["cpu"] == 2 * detail["master"]["cpu"]
     # One run folder, written by rank 0 only: no stray per-rank folders, one .hydra.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (out / ".hydra").is_dir()
@@ -321,6 +332,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path
     latest = CheckpointManager(out).latest()
     assert latest is not None and (out / "adapter.safetensors").exists()
     assert 1 <= int(latest.name.split("_")[1]) < 1000
+
+
+def test_time_limit_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
+    out = tmp_path / "run"
+    proc = subprocess.run(train_cmd(tiny_stack_dir, out, "train.max_steps=1000", "train.save_every=0",
+                                    "train.time_limit_min=0.0001"),
+                          capture_output=True, text=True, env=child_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped at train.time_limit_min at step 1" in proc.stdout + proc.stderr
+    assert CheckpointManager(out).latest().name == "step_00000001" and (out / "adapter.safetensors").exists()
 
 
 # ---- crash-safe checkpoints -------------------------------------------------------------------------
