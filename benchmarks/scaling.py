@@ -12,6 +12,8 @@ state and where it lives (ZeRO-2 partitions it), host RSS, and whether all ranks
     # rows: GPUS:MAX_STEPS:TIME_LIMIT_MIN (the run stops at whichever comes first, saving a checkpoint)
 
 On a CPU-only machine the same command runs N CPU ranks (tiny model), which is how the test exercises it.
+Each invocation writes its runs under a fresh ``<work-dir>/<timestamp>/gpusN``. To tabulate runs again from
+their metrics.jsonl files (no training): ``--from-metrics 1=path/metrics.jsonl,3=path/metrics.jsonl``.
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def launch(gpus: int, steps: int, minutes: float, cap: float, out: Path, overrid
     return rc, time.perf_counter() - t0
 
 
-def summarize(run_dir: Path, gpus: int, warmup: int) -> dict:
+def summarize(metrics: Path, gpus: int, warmup: int) -> dict:
     """One table row from a finished run's metrics.jsonl."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     final = [r for r in records if r["split"] == "final"][-1]
     steady = train[warmup:] if len(train) > warmup else train[-1:]
@@ -117,20 +119,27 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady-state numbers")
     ap.add_argument("--work-dir", default="outputs/scaling")
     ap.add_argument("--out", default=None, help="markdown file for the table (and a .json beside it)")
+    ap.add_argument("--from-metrics", default=None, help="GPUS=metrics.jsonl,...: tabulate finished runs, train nothing")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every row (after --)")
     args = ap.parse_args()
 
-    work = Path(args.work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for gpus, steps, minutes in parse_rows(args.rows):
-        out = work / f"gpus{gpus}"
-        rc, wall = launch(gpus, steps, minutes, args.cap, out, args.overrides)
-        if rc != 0 or not (out / "metrics.jsonl").exists():
-            rows.append({"gpus": gpus, "error": f"exit {rc}, see {out}.log", "wall_s": wall})
-        else:
-            rows.append({**summarize(out, gpus, args.warmup), "wall_s": wall})
-        print(json.dumps(rows[-1]), flush=True)
+    if args.from_metrics:
+        for item in args.from_metrics.split(","):
+            gpus, path = item.split("=", 1)
+            rows.append(summarize(Path(path), int(gpus), args.warmup))
+    else:
+        # A fresh folder per invocation: a run folder that already holds a run would be refused.
+        work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+        work.mkdir(parents=True)
+        for gpus, steps, minutes in parse_rows(args.rows):
+            out = work / f"gpus{gpus}"
+            rc, wall = launch(gpus, steps, minutes, args.cap, out, args.overrides)
+            if rc != 0 or not (out / "metrics.jsonl").exists():
+                rows.append({"gpus": gpus, "error": f"exit {rc}, see {out}.log", "wall_s": wall})
+            else:
+                rows.append({**summarize(out / "metrics.jsonl", gpus, args.warmup), "wall_s": wall})
+            print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
     if args.out:

@@ -118,6 +118,8 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
         log.info("run folder %s, world size %d, device %s", output_dir, distributed.world_size(), device)
         log.info("DeepSpeed config: %s", ds_config)
 
+    refuse_occupied_run_folder(output_dir, cfg.train.resume)
+
     loader, sampler = build_loader(dataset, cfg.train, shuffle=True, seed=int(cfg.train.seed))
     val_loader = None
     if val_dataset is not None and distributed.is_main():
@@ -134,10 +136,28 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
         log.info("resumed from %s at step %d", resume, trainer.step)
     elif cfg.train.resume == "auto":
         log.info("train.resume=auto: no complete checkpoint in %s, starting fresh", trainer.ckpt.root)
+        trainer.truncate_log(0)  # an attempt killed before its first checkpoint left records
     metrics = trainer.fit()
     if distributed.is_main():
         log.info("done: %d steps, adapter at %s", trainer.step, output_dir / "adapter.safetensors")
     return metrics
+
+
+def refuse_occupied_run_folder(output_dir: Path, resume) -> None:
+    """A fresh run (``train.resume`` null) in a folder that holds another run's checkpoints or metrics
+    would mix two runs' logs and checkpoints: refused on every rank, before any model loads."""
+    if resume not in (None, "", False):
+        return
+    from gill.checkpoint import CheckpointManager
+
+    taken = [str(p) for p in (output_dir / "metrics.jsonl",) if p.exists()]
+    taken += [str(p) for p in CheckpointManager(output_dir).complete()]
+    taken = distributed.broadcast_object(taken)
+    if taken:
+        raise FileExistsError(
+            f"the run folder {output_dir} already holds a run ({', '.join(taken[:3])}): pass train.resume=auto "
+            "to continue it, or a new train.output_dir for a new run"
+        )
 
 
 def hydra_rank_overrides() -> list[str]:

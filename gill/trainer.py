@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gill import distributed, resources
-from gill.checkpoint import CheckpointManager, export_adapter
+from gill.checkpoint import CheckpointManager, atomic_write_text, export_adapter
 from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,18 @@ class Trainer:
         rng = state["rng_per_rank"][distributed.rank()]
         self.model.rng.set_state(rng["model"])
         torch.set_rng_state(rng["torch"])
+        self.truncate_log(self.step)
+
+    def truncate_log(self, step: int) -> None:
+        """Drop metrics.jsonl records past ``step``: a resumed run redoes those steps, and its log must
+        hold each step once. Atomic, like every file the run writes."""
+        if not distributed.is_main() or not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.metrics_file, "".join(kept))
+            log.info("metrics.jsonl: dropped %d records past step %d", len(lines) - len(kept), step)
 
     def save(self) -> None:
         self.ckpt.save(self.engine, self.step, self.client_state(), self.data_layout())
@@ -189,7 +201,8 @@ class Trainer:
         if main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.output_dir / "tb"))
+            # On resume, events the interrupted run logged after its checkpoint are dropped.
+            self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self.step + 1 if self.step else None)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)

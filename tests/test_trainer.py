@@ -305,6 +305,9 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
     proc.wait()
     done = CheckpointManager(killed).complete()
     assert done and int(done[-1].name.split("_")[1]) < 6, "the kill came too late to test resume"
+    # As if the attempt had logged one more step before the kill (it may or may not have, by timing).
+    with open(killed / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"split": "train", "step": int(done[-1].name.split("_")[1]) + 1}) + "\n")
 
     subprocess.run(train_cmd(tiny_stack_dir, killed, *common, "train.resume=auto"), check=True, env=child_env,
                    timeout=600, capture_output=True)
@@ -313,9 +316,16 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # The log holds each step once: records the killed attempt wrote past its checkpoint were dropped.
     steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
              if json.loads(line)["split"] == "train"]
-    assert steps[-1] == 6 and max(steps) == 6
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+    # A fresh run (no train.resume) into a folder that holds a run is refused: it would mix the two.
+    proc = subprocess.run(train_cmd(tiny_stack_dir, killed, *common), env=child_env, timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "already holds a run" in proc.stderr
+    assert load_file(killed / "adapter.safetensors").keys() == b.keys()
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
