@@ -9,6 +9,13 @@ block. Modules are graph inputs, so same-class regions share a handful of compil
 Why: at Kolors scale the eager step is bound by Python and kernel launches, not by the GPU
 (benchmarks/step_benchmark.md: 48% MFU compiled vs 37% eager at micro-batch 20; 3.3 vs 2.3
 samples/s at micro-batch 4 under a 24 GiB cap).
+
+Shapes are *not* static: ChatGLM's sequence length changes with every batch of captions, and the
+number of phrases to encode with every layout. Compiled with ``dynamic=False`` each new length was a
+new graph — a 3-GPU Kolors run spent 98, 17, 15, 8, 17 s on its first five steps
+(benchmarks/scaling.md), and the tiny stack recompiled in 6 of 8 steps. PyTorch's automatic dynamic
+shapes (``dynamic=None``) recompile a region once with symbolic sizes when a size changes: the tiny
+stack then compiled once more in 8 steps (a 1-object layout: sizes 0 and 1 are always specialised).
 """
 from __future__ import annotations
 
@@ -35,5 +42,5 @@ def compile_regions(*roots: nn.Module) -> list[nn.Module]:
             elif kind in SUBMODULES_OF:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
     for m in targets:
-        m.forward = torch.compile(m.forward, dynamic=False)
+        m.forward = torch.compile(m.forward, dynamic=None)  # automatic dynamic: see the module docstring
     return targets

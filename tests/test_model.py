@@ -138,6 +138,29 @@ def test_modes_are_deterministic_given_the_model_seed(tiny_stack_dir, batch):
     assert torch.equal(a, b)
 
 
+def test_generation_timestep_high_noise_share(tiny_stack_dir, batch, monkeypatch):
+    """``timestep_high_noise``: share 1.0 draws every t from the noisier half; 0.0 (the default) is the
+    uniform draw of before, from the same random stream (no extra draw)."""
+    model = make_model(tiny_stack_dir)
+    assert model.timestep_high_noise == 0.0
+    steps = model.noise_scheduler.config.num_train_timesteps
+    draws, seen = [], []
+    rand = model.rand
+    monkeypatch.setattr(model, "rand", lambda *shape: draws.append(rand(*shape)) or draws[-1])
+    add_noise = model.noise_scheduler.add_noise
+    monkeypatch.setattr(model.noise_scheduler, "add_noise", lambda x, n, t: seen.append(t) or add_noise(x, n, t))
+    with torch.no_grad():
+        model.seed(3)
+        model(batch, "generation")
+        assert len(draws) == 3  # caption dropout, t, layout dropout: as before the option
+        assert torch.equal(seen[-1], (draws[1] * steps).long().clamp(max=steps - 1))
+        model.timestep_high_noise = 1.0
+        for seed in range(4):
+            model.seed(seed)
+            model(batch, "generation")
+            assert (seen[-1] >= steps // 2).all() and (seen[-1] < steps).all(), seen[-1]
+
+
 def test_default_spatial_adapter_fits_the_budget_at_kolors_scale():
     from gill.adapter import GillAdapter
     from gill.stack import build_random_modules
@@ -178,6 +201,21 @@ def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack
         # scalar gates, whose gradient is a sum of many cancelling terms. A lost hook would be O(1).
         err = (compiled[n] - eager[n]).norm() / eager[n].norm().clamp(min=1e-12)
         assert err <= 2e-3, (n, float(err))
+
+    # New caption lengths and object counts compile nothing new: real captions vary every batch, and a
+    # graph per length made the first steps of a Kolors run take 8-98 s each (benchmarks/scaling.md).
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    ds = SyntheticLayoutDataset(40, resolution=64, seed=17, min_objects=2, max_objects=3)
+    seen = {tuple(len(c) for c in batch["captions"])}
+    for start in range(0, 40, 4):
+        other = collate_layout([ds[start + i] for i in range(4)])
+        for mode in EXPECTED:
+            model(other, mode)["loss"].backward()
+        seen.add(tuple(len(c) for c in other["captions"]))
+    assert len(seen) >= 5  # the batches really had other caption lengths
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
