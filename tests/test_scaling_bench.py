@@ -13,7 +13,8 @@ def test_scaling_runs_the_launch_script_on_1_and_2_ranks(tiny_stack_dir, tmp_pat
     out = tmp_path / "table.md"
     proc = subprocess.run(
         [sys.executable, str(SCALING), "--rows", "1:3:5,2:3:5", "--warmup", "1", "--work-dir", str(tmp_path / "w"),
-         "--out", str(out), "--", "model=tiny", f"model.pretrained_path={tiny_stack_dir}", "train.resolution=64"],
+         "--out", str(out), "--", "model=tiny", f"model.pretrained_path={tiny_stack_dir}", "train.resolution=64",
+         "train.micro_batch_size=2", "train.grad_accum=1"],
         capture_output=True, text=True, env=child_env, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
