@@ -59,7 +59,7 @@ def summarize(metrics: Path, gpus: int, warmup: int) -> dict:
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     final = [r for r in records if r["split"] == "final"][-1]
-    steady = train[warmup:] if len(train) > warmup else train[-1:]
+    steady = [r for r in train[warmup:] if not r.get("profiled")] or train[-1:]
     step_s = [r["step_s"] for r in steady]
     samples = sum(r["samples_per_s"] * r["step_s"] for r in steady)
     per_rank = final["per_rank"]
@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--rows", default="1:60:2,3:300:5", help="GPUS:MAX_STEPS:TIME_LIMIT_MIN, comma-separated")
     ap.add_argument("--cap", type=float, default=24.0, help="GiB per GPU (emulated card); 0 = uncapped")
     ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady-state numbers")
+    ap.add_argument("--profile-step", type=int, default=0,
+                    help="profile 3 steps from this one on every rank (<run>/profile/); they leave the steady state")
     ap.add_argument("--work-dir", default="outputs/scaling")
     ap.add_argument("--out", default=None, help="markdown file for the table (and a .json beside it)")
     ap.add_argument("--from-metrics", default=None, help="GPUS=metrics.jsonl,...: tabulate finished runs, train nothing")
@@ -134,7 +136,8 @@ def main() -> None:
         work.mkdir(parents=True)
         for gpus, steps, minutes in parse_rows(args.rows):
             out = work / f"gpus{gpus}"
-            rc, wall = launch(gpus, steps, minutes, args.cap, out, args.overrides)
+            profile = [f"train.profile.first_step={args.profile_step}"] if args.profile_step else []
+            rc, wall = launch(gpus, steps, minutes, args.cap, out, profile + args.overrides)
             if rc != 0 or not (out / "metrics.jsonl").exists():
                 rows.append({"gpus": gpus, "error": f"exit {rc}, see {out}.log", "wall_s": wall})
             else:

@@ -212,17 +212,12 @@ def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device, cli
 
 def write_profile(one_step, path: Path, device) -> None:
     """One more step under ``torch.profiler``: where the time goes, by CPU and by GPU time."""
-    from torch.profiler import ProfilerActivity, profile
+    from gill.profiling import make_profiler, profile_tables
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with make_profiler(device) as prof:
         one_step()
-    avg = prof.key_averages()
-    gpu_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    text = [f"# profile of one step ({path.stem})", "", "## by self CPU time", avg.table(sort_by="self_cpu_time_total", row_limit=40),
-            "", "## by self GPU time", avg.table(sort_by=gpu_key, row_limit=40)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(text), encoding="utf-8")
+    path.write_text(profile_tables(prof, device, f"profile of one step ({path.stem})"), encoding="utf-8")
     log(f"profile written to {path}")
 
 

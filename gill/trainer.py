@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gill import distributed, resources
+from gill.profiling import StepProfiler
 from gill.checkpoint import CheckpointManager, atomic_write_text, export_adapter
 from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
 
@@ -210,15 +211,22 @@ class Trainer:
         samples_per_step = int(self.t.micro_batch_size) * self.grad_accum * world
         stream = self._micro_batches()
         last = {}
+        prof_cfg = self.t.get("profile") or {}
+        profiler = StepProfiler(prof_cfg.get("first_step"), int(prof_cfg.get("steps", 3)), self.output_dir / "profile",
+                                distributed.rank(), self.model.device)
         limit_s = float(self.t.get("time_limit_min") or 0) * 60
         started = time.monotonic()
         try:
             while self.step < self.max_steps:
                 micro = [next(stream) for _ in range(self.grad_accum)]
+                profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
                 dt = time.perf_counter() - t0
                 self.step += 1
+                profiler.after_step(self.step)
+                if profiler.covers(self.step):
+                    metrics["profiled"] = 1.0  # slower by the profiler's overhead: not a throughput sample
                 self._check_finite(metrics)
                 metrics["lr"] = self.engine.get_lr()[0]
                 metrics["samples_per_s"] = samples_per_step / dt

@@ -354,6 +354,19 @@ def test_time_limit_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_p
     assert CheckpointManager(out).latest().name == "step_00000001" and (out / "adapter.safetensors").exists()
 
 
+def test_profile_writes_tables_and_trace_of_the_chosen_steps(tiny_stack_dir, tmp_path, child_env):
+    out = tmp_path / "run"
+    proc = subprocess.run(train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
+                                    "train.profile.first_step=2", "train.profile.steps=1"),
+                          capture_output=True, text=True, env=child_env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = (out / "profile" / "rank0.txt").read_text()
+    assert "optimizer steps 2-2" in table and "by self CPU time" in table and "aten::" in table
+    assert json.loads((out / "profile" / "rank0.trace.json").read_text())["traceEvents"]
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:3]
+    assert [r.get("profiled", 0.0) for r in train] == [0.0, 1.0, 0.0]
+
+
 # ---- crash-safe checkpoints -------------------------------------------------------------------------
 
 
