@@ -14,10 +14,18 @@ file, fsynced and renamed, then the manifest is replaced atomically; a re-run sk
 manifest lists and recomputes the rest (batches never cross a shard, so a resumed cache is the
 same as an uninterrupted one). A record whose image cannot be decoded is skipped, its reason
 counted (``manifest.json: skipped``); records the data set itself rejected are counted under
-``source_skipped``. One process (multi-rank building is not implemented).
+``source_skipped``.
+
+Several ranks (``torchrun --nproc_per_node=3 -m gill.cache ...`` or ``deepspeed --num_gpus=3 --module
+gill.cache ...``) split the shards round-robin, one GPU each; rank 0 alone writes the manifest: before
+the build (checks, as one process) and after every rank finished. A shard that is on disk but not
+listed (a kill between its rename and the manifest, or another rank's) is listed when it reads back
+whole and carries this cache's fingerprint; otherwise it is rebuilt. The shards are the same bytes
+whatever the number of ranks.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +35,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+
+from gill import distributed
 
 from gill.data.cache import (
     CACHE_FORMAT,
@@ -77,7 +87,8 @@ def _record(index: int, item: dict) -> dict:
 
 
 def build_cache(cfg, *, after_shard=None) -> dict:
-    """Build (or finish) the cache at ``cfg.cache.dir``; returns the manifest.
+    """Build (or finish) the cache at ``cfg.cache.dir``; returns the manifest. Collective when launched
+    on several ranks (each builds every ``world``-th shard still to do).
 
     ``after_shard(j)`` runs after shard ``j`` is committed (tests use it to interrupt a build).
     """
@@ -87,52 +98,35 @@ def build_cache(cfg, *, after_shard=None) -> dict:
 
     if not cache_enabled(cfg):
         raise CacheError("cache.dir is not set: pass cache.dir=<folder> (training reads the cache from there)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise CacheError("python -m gill.cache runs as one process (multi-rank building is not implemented)")
     root = Path(cfg.cache.dir).expanduser()
     batch_size, shard_size = int(cfg.cache.batch_size), int(cfg.cache.shard_size)
     if batch_size < 1 or shard_size < 1:
         raise CacheError(f"cache.batch_size and cache.shard_size must be >= 1, got {batch_size}, {shard_size}")
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if on_gpu else torch.device("cpu")
+    device = distributed.device_for_rank()
+    on_gpu = device.type == "cuda"
+    world = distributed.world_size()
+    if world > 1:
+        distributed.init(device)
+    rank = distributed.rank()  # after init: RANK as the launcher set it
 
     dataset = build_dataset(cfg.data, int(cfg.train.resolution), int(cfg.train.seed))
-    source_skipped = dict(getattr(dataset, "skipped", {}))  # rejected at construction (bad JSON, paths, ...)
     check_cacheable(dataset)
     fp = fingerprint(cfg, dataset, on_gpu)
-
-    root.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(root)
-    if manifest is not None and (manifest.get("format") != CACHE_FORMAT or manifest["fingerprint"] != fp):
-        diffs = diff_fingerprints(manifest.get("fingerprint", {}), fp)
-        if not bool(cfg.cache.get("overwrite", False)):
-            raise CacheError(f"cache.dir={root} holds a cache of another config:\n  " + "\n  ".join(diffs)
-                             + "\npass cache.overwrite=true to replace it, or choose another cache.dir")
-        log.warning("cache.overwrite=true: replacing the cache in %s (%s)", root, "; ".join(diffs))
-        manifest = None
-    if manifest is None:
-        for old in root.glob("shard_*.safetensors*"):
-            old.unlink()
-        manifest = {"format": CACHE_FORMAT, "fingerprint": fp, "shard_size": shard_size,
-                    "num_items": len(dataset), "shards": {}, "complete": False,
-                    "source_skipped": source_skipped, "skipped": {}, "records": 0,
-                    "built_on": device.type, "torch": torch.__version__}
-        write_manifest(root, manifest)
-    elif manifest["shard_size"] != shard_size:
-        log.warning("resuming with the cache's own shard_size=%d (cache.shard_size=%d ignored)",
-                    manifest["shard_size"], shard_size)
-    shard_size = manifest["shard_size"]
-    for tmp in root.glob("*.tmp"):  # a crash mid-write; never listed in the manifest
-        tmp.unlink()
-
+    fp_id = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
     n = len(dataset)
+
+    # Rank 0 checks and (re)writes the manifest; every rank then works from its copy.
+    manifest = _on_rank0(lambda: _prepare_manifest(cfg, root, dataset, fp, fp_id, shard_size, device))
+    shard_size = manifest["shard_size"]
     n_shards = -(-n // shard_size)
     todo = [j for j in range(n_shards) if not _shard_done(root, manifest, j)]
-    log.info("encoder cache %s: %d items, %d shards of %d, %d to build", root, n, n_shards, shard_size, len(todo))
-    if todo:
+    mine = todo[rank::world]
+    log.info("encoder cache %s: %d items, %d shards of %d, %d to build (%d on rank %d of %d)",
+             root, n, n_shards, shard_size, len(todo), len(mine), rank, world)
+    if mine:
         dtype = torch.bfloat16 if fp["dtype"] == "bf16" else torch.float32
         vae, vision, processor = load_frozen_encoders(cfg.model, device=device, dtype=dtype)
-    for j in todo:
+    for j in mine:
         t0 = time.perf_counter()
         records, skipped, images = [], [], []
         for i in range(j * shard_size, min(n, (j + 1) * shard_size)):
@@ -151,18 +145,102 @@ def build_cache(cfg, *, after_shard=None) -> dict:
             parts["latent_std"].append(std.cpu())
             parts["image_embeds"].append(clip_image_embeds(vision, processor, chunk).cpu())
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
-        size = _write_shard(root / shard_name(j), tensors, {"records": records, "skipped": skipped})
-        manifest["shards"][shard_name(j)] = {"records": len(records), "skipped": len(skipped), "bytes": size}
-        write_manifest(root, manifest)
+        meta = {"records": records, "skipped": skipped, "fingerprint": fp_id}
+        size = _write_shard(root / shard_name(j), tensors, meta)
+        if world == 1:  # with several ranks, rank 0 lists every rank's shards at the end
+            manifest["shards"][shard_name(j)] = {"records": len(records), "skipped": len(skipped), "bytes": size}
+            write_manifest(root, manifest)
         dt = time.perf_counter() - t0
         log.info("shard %d/%d: %d records, %d skipped, %.1f records/s", j + 1, n_shards, len(records),
                  len(skipped), len(records) / max(dt, 1e-9))
         if after_shard is not None:
             after_shard(j)
 
-    # Totals from the shards themselves, so they are the same however many runs built them.
+    distributed.barrier()
+    return _on_rank0(lambda: _finish_manifest(root, manifest, n_shards, fp_id))
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0, its result on every rank; a CacheError there is raised on every rank (no
+    rank is left waiting in a collective)."""
+    result: object = ""
+    if distributed.is_main():
+        try:
+            result = fn()
+        except CacheError as e:
+            result = e
+    result = distributed.broadcast_object(result)
+    if isinstance(result, CacheError):
+        raise result
+    return result
+
+
+def _prepare_manifest(cfg, root: Path, dataset, fp: dict, fp_id: str, shard_size: int, device) -> dict:
+    """Rank 0: refuse a cache of another config (or replace it), start or resume the manifest."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(root)
+    if manifest is not None and (manifest.get("format") != CACHE_FORMAT or manifest["fingerprint"] != fp):
+        diffs = diff_fingerprints(manifest.get("fingerprint", {}), fp)
+        if not bool(cfg.cache.get("overwrite", False)):
+            raise CacheError(f"cache.dir={root} holds a cache of another config:\n  " + "\n  ".join(diffs)
+                             + "\npass cache.overwrite=true to replace it, or choose another cache.dir")
+        log.warning("cache.overwrite=true: replacing the cache in %s (%s)", root, "; ".join(diffs))
+        manifest = None
+    if manifest is None:
+        for old in root.glob("shard_*.safetensors*"):
+            old.unlink()
+        manifest = {"format": CACHE_FORMAT, "fingerprint": fp, "shard_size": shard_size,
+                    "num_items": len(dataset), "shards": {}, "complete": False,
+                    "source_skipped": dict(getattr(dataset, "skipped", {})),  # rejected at construction
+                    "skipped": {}, "records": 0, "built_on": device.type, "torch": torch.__version__}
+        write_manifest(root, manifest)
+    elif manifest["shard_size"] != shard_size:
+        log.warning("resuming with the cache's own shard_size=%d (cache.shard_size=%d ignored)",
+                    manifest["shard_size"], shard_size)
+    for tmp in root.glob("*.tmp"):  # a crash mid-write; never listed in the manifest
+        tmp.unlink()
+    n_shards = -(-len(dataset) // manifest["shard_size"])
+    if _list_unlisted_shards(root, manifest, n_shards, fp_id):
+        write_manifest(root, manifest)
+    return manifest
+
+
+def _list_unlisted_shards(root: Path, manifest: dict, n_shards: int, fp_id: str) -> int:
+    """List the shards on disk that the manifest lacks, if whole and of this cache; returns how many.
+
+    A shard file appears only by an atomic rename after fsync, so one that reads back is complete;
+    the fingerprint in its metadata proves it was built for this cache. Anything else (garbage, an
+    older format) stays unlisted and is rebuilt over.
+    """
     from gill.data.cache import read_shard_meta
 
+    listed = 0
+    for j in range(n_shards):
+        name, path = shard_name(j), root / shard_name(j)
+        if name in manifest["shards"] or not path.is_file():
+            continue
+        try:
+            meta = read_shard_meta(path)
+        except Exception:  # noqa: BLE001 - unreadable means "build it again"
+            continue
+        if meta.get("fingerprint") != fp_id:
+            continue
+        manifest["shards"][name] = {"records": len(meta["records"]), "skipped": len(meta["skipped"]),
+                                    "bytes": path.stat().st_size}
+        listed += 1
+    return listed
+
+
+def _finish_manifest(root: Path, manifest: dict, n_shards: int, fp_id: str) -> dict:
+    """Rank 0, after every rank finished: list the shards, total them, mark the cache complete."""
+    from gill.data.cache import read_shard_meta
+
+    _list_unlisted_shards(root, manifest, n_shards, fp_id)
+    missing = [shard_name(j) for j in range(n_shards) if not _shard_done(root, manifest, j)]
+    if missing:
+        write_manifest(root, manifest)
+        raise CacheError(f"shards missing after the build: {missing[:5]}; run the same command again to finish")
+    # Totals from the shards themselves, so they are the same however many runs built them.
     reasons: Counter = Counter()
     total = 0
     for j in range(n_shards):
@@ -191,15 +269,18 @@ def compose_config(overrides: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s")
-    cfg = compose_config(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s] rank {distributed.rank()} %(levelname)s %(name)s: %(message)s")
+    cfg = compose_config(distributed.strip_local_rank(sys.argv[1:] if argv is None else argv))
     try:
         manifest = build_cache(cfg)
     except CacheError as e:
         log.error("%s", e)
         return 2
-    summary = {k: manifest[k] for k in ("records", "skipped", "source_skipped", "num_items")}
-    print(json.dumps({"cache": str(Path(cfg.cache.dir).expanduser()), **summary}, ensure_ascii=False))
+    finally:
+        distributed.shutdown()
+    if distributed.is_main():
+        summary = {k: manifest[k] for k in ("records", "skipped", "source_skipped", "num_items")}
+        print(json.dumps({"cache": str(Path(cfg.cache.dir).expanduser()), **summary}, ensure_ascii=False))
     return 0
 
 

@@ -220,3 +220,35 @@ def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env)
     train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["split"] == "train"] == [1, 2]
     assert any(r["split"] == "val" for r in train)
+
+
+def test_two_rank_build_gives_the_same_cache_and_unlisted_shards_are_adopted(tiny_stack_dir, tmp_path, child_env,
+                                                                            free_port):
+    """`torchrun --nproc_per_node=2 -m gill.cache`: the ranks split the shards, rank 0 writes the
+    manifest, and the cache is byte for byte the one a single process builds. A shard on disk that the
+    manifest does not list (a kill between its rename and the manifest) is listed, not rebuilt."""
+    common = [f"model.pretrained_path={tiny_stack_dir}", "data.num_samples=10", "cache.shard_size=2",
+              "cache.batch_size=2"]
+    for name, launcher in (("one", [sys.executable, "-m", "gill.cache"]),
+                           ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                    f"--master_port={free_port}", "-m", "gill.cache"])):
+        proc = subprocess.run([*launcher, *common, f"cache.dir={tmp_path / name}"], cwd=ROOT, env=child_env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 10  # printed once, by rank 0
+    one, two = read_cache(tmp_path / "one"), read_cache(tmp_path / "two")
+    assert one["manifest"] == two["manifest"] and one["manifest"]["complete"]
+    assert set(one) == set(two) and len(one) == 1 + 5
+    for name in one:
+        if name != "manifest":
+            assert one[name][1] == two[name][1]
+            for k, t in one[name][0].items():
+                assert torch.equal(t, two[name][0][k]), (name, k)
+
+    manifest = json.loads((tmp_path / "two" / MANIFEST).read_text())
+    del manifest["shards"]["shard_00003.safetensors"]
+    manifest["complete"] = False
+    (tmp_path / "two" / MANIFEST).write_text(json.dumps(manifest))
+    rebuilt = []
+    again = build_cache(cfg_for(tiny_stack_dir, tmp_path / "two", *common[1:]), after_shard=rebuilt.append)
+    assert rebuilt == [] and again == one["manifest"]
