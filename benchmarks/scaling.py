@@ -7,9 +7,10 @@ steady-state samples/s (the first ``--warmup`` steps, compile and allocator warm
 efficiency against the 1-GPU row of the same invocation, peak GPU memory over the ranks, each rank's optimizer
 state and where it lives (ZeRO-2 partitions it), host RSS, and whether all ranks ended with identical trainables.
 
-    python benchmarks/scaling.py --rows 1:60:2,3:300:5 --out benchmarks/scaling.md -- \
-        model=kolors_random train.grad_accum=1
-    # rows: GPUS:MAX_STEPS:TIME_LIMIT_MIN (the run stops at whichever comes first, saving a checkpoint)
+    python benchmarks/scaling.py --rows 1:40:1.25,3:300:5 --out /tmp/scaling.md -- \
+        model=kolors_random train.micro_batch_size=2 train.grad_accum=1 model.compile=false
+    # rows: GPUS:MAX_STEPS:TIME_LIMIT_MIN (the run stops at whichever comes first, saving a checkpoint).
+    # The launch script's micro-batch 1 cannot run on one GPU (retrieval needs two samples per step).
 
 On a CPU-only machine the same command runs N CPU ranks (tiny model), which is how the test exercises it.
 Each invocation writes its runs under a fresh ``<work-dir>/<timestamp>/gpusN``. To tabulate runs again from
@@ -45,7 +46,7 @@ def launch(gpus: int, steps: int, minutes: float, cap: float, out: Path, overrid
     env["PATH"] = ":".join(bins + [env.get("PATH", "")])
     cmd = ["bash", str(ROOT / "launch" / "train_3gpu.sh"), f"train.output_dir={out}", f"train.max_steps={steps}",
            f"train.time_limit_min={minutes}", f"train.gpu_memory_cap_gib={cap}", "train.save_every=0",
-           "data.val=null", *overrides]
+           "train.log_every=1", "data.val=null", *overrides]
     t0 = time.perf_counter()
     with open(f"{out}.log", "w", encoding="utf-8") as log:
         log.write(" ".join(cmd) + "\n")
@@ -63,7 +64,7 @@ def summarize(metrics: Path, gpus: int, warmup: int) -> dict:
     step_s = [r["step_s"] for r in steady]
     samples = sum(r["samples_per_s"] * r["step_s"] for r in steady)
     per_rank = final["per_rank"]
-    losses = {k.split("/")[0]: (train[0][k], train[-1][k]) for k in train[-1] if k.endswith("/loss")}
+    losses = {k.split("/")[0]: (train[0].get(k), train[-1][k]) for k in train[-1] if k.endswith("/loss")}
     return {
         "gpus": gpus,
         "steps": len(train),
@@ -114,9 +115,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="1:60:2,3:300:5", help="GPUS:MAX_STEPS:TIME_LIMIT_MIN, comma-separated")
+    ap.add_argument("--rows", default="1:40:1.25,3:300:5", help="GPUS:MAX_STEPS:TIME_LIMIT_MIN, comma-separated")
     ap.add_argument("--cap", type=float, default=24.0, help="GiB per GPU (emulated card); 0 = uncapped")
-    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady-state numbers")
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady-state numbers "
+                    "(runs log every step; for --from-metrics, records)")
     ap.add_argument("--profile-step", type=int, default=0,
                     help="profile 3 steps from this one on every rank (<run>/profile/); they leave the steady state")
     ap.add_argument("--work-dir", default="outputs/scaling")
@@ -132,7 +134,7 @@ def main() -> None:
             rows.append(summarize(Path(path), int(gpus), args.warmup))
     else:
         # A fresh folder per invocation: a run folder that already holds a run would be refused.
-        work = Path(args.work_dir).resolve() / time.strftime("%Y%m%d-%H%M%S")
+        work = Path(args.work_dir).resolve() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         work.mkdir(parents=True)
         for gpus, steps, minutes in parse_rows(args.rows):
             out = work / f"gpus{gpus}"
@@ -147,8 +149,9 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n", encoding="utf-8")
-        Path(args.out).with_suffix(".json").write_text(
-            json.dumps({"overrides": args.overrides, "cap_gib": args.cap, "rows": rows}, indent=1), encoding="utf-8")
+        source = ({"from_metrics": args.from_metrics} if args.from_metrics
+                  else {"rows_spec": args.rows, "overrides": args.overrides, "cap_gib": args.cap})
+        Path(args.out).with_suffix(".json").write_text(json.dumps({**source, "rows": rows}, indent=1), encoding="utf-8")
     if any("error" in r for r in rows):
         sys.exit(1)
 

@@ -90,11 +90,16 @@ def all_gather_object(obj) -> list:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any rank (ranks must agree on control flow)."""
+    return any_rank_each(flag)[0]
+
+
+def any_rank_each(*flags: bool) -> list[bool]:
+    """:func:`any_rank` of several flags in one all-reduce."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=_collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def barrier() -> None:

@@ -25,6 +25,7 @@ def profile_tables(prof, device: torch.device, title: str, rows: int = 40) -> st
 
 
 def make_profiler(device: torch.device):
+    """A ``torch.profiler.profile`` of CPU activity, and of the GPU's when ``device`` is one."""
     from torch.profiler import ProfilerActivity, profile
 
     return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
@@ -47,7 +48,12 @@ class StepProfiler:
             self._prof.start()
 
     def after_step(self, step: int) -> None:
-        if self._prof is None or step != self.last:
+        if self._prof is not None and step == self.last:
+            self.close()
+
+    def close(self) -> None:
+        """Stop and write the profile, if one is running (also for a run that ends inside the window)."""
+        if self._prof is None:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

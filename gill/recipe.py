@@ -96,7 +96,7 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     cap = cfg.train.get("gpu_memory_cap_gib")
     fraction = resources.cap_gpu_memory(device, cap)
     if cap and fraction is not None:
-        log.info("GPU memory capped at %s GiB (%.3f of %s)", cfg.train.gpu_memory_cap_gib, fraction, device)
+        log.info("GPU memory capped at %s GiB (%.3f of %s)", cap, fraction, device)
     # Config-only checks first: a contradiction must fail before minutes of model loading.
     ds_config = build_ds_config(cfg, distributed.world_size(), on_gpu=device.type == "cuda")
     resolve_precision(cfg.train.precision, device.type == "cuda")
@@ -112,13 +112,12 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     output_dir = Path(distributed.broadcast_object(hydra_output_dir or cfg.train.output_dir)).resolve()
     with open_dict(cfg):
         cfg.train.output_dir = str(output_dir)
+    refuse_occupied_run_folder(output_dir, cfg.train.resume)
     if distributed.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
         log.info("run folder %s, world size %d, device %s", output_dir, distributed.world_size(), device)
         log.info("DeepSpeed config: %s", ds_config)
-
-    refuse_occupied_run_folder(output_dir, cfg.train.resume)
 
     loader, sampler = build_loader(dataset, cfg.train, shuffle=True, seed=int(cfg.train.seed))
     val_loader = None

@@ -76,7 +76,7 @@ def rank_report(engine, device: torch.device) -> dict:
         for dev, nbytes in kind.items():
             by_device[dev] = by_device.get(dev, 0.0) + nbytes / GiB
     peak = gpu_peak_gib(device)
-    report = {
+    return {
         "gpu_peak_gib": peak,
         "gpu_reserved_peak_gib": torch.cuda.max_memory_reserved(device) / GiB if peak is not None else None,
         "optimizer_state_gib": by_device,
@@ -84,4 +84,3 @@ def rank_report(engine, device: torch.device) -> dict:
         # ru_maxrss is in KiB on Linux
         "host_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    return report

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from gill import distributed, resources
-from gill.profiling import StepProfiler
 from gill.checkpoint import CheckpointManager, atomic_write_text, export_adapter
 from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
+from gill.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class Trainer:
         self._stop = False
         self.writer = None
         self.metrics_file = output_dir / "metrics.jsonl"
+        self.purge_from = None  # TensorBoard step from which a resumed run drops the old events
 
     # ---- state ------------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -154,13 +155,22 @@ class Trainer:
         self.truncate_log(self.step)
 
     def truncate_log(self, step: int) -> None:
-        """Drop metrics.jsonl records past ``step``: a resumed run redoes those steps, and its log must
-        hold each step once. Atomic, like every file the run writes."""
+        """Drop what the log holds past ``step``: a resumed run redoes those steps and must log each once.
+        Also dropped: ``final`` records (the run is not final any more) and a line a kill tore in half.
+        Atomic, like every file the run writes; TensorBoard's events past ``step`` are purged likewise."""
+        self.purge_from = step + 1
         if not distributed.is_main() or not self.metrics_file.exists():
             return
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) != len(lines):
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["step"] <= step and record["split"] != "final":
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept != lines:
             atomic_write_text(self.metrics_file, "".join(kept))
             log.info("metrics.jsonl: dropped %d records past step %d", len(lines) - len(kept), step)
 
@@ -203,7 +213,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             # On resume, events the interrupted run logged after its checkpoint are dropped.
-            self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+            self.writer = SummaryWriter(str(self.output_dir / "tb"), purge_step=self.purge_from)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -218,8 +228,8 @@ class Trainer:
         started = time.monotonic()
         try:
             while self.step < self.max_steps:
+                profiler.before_step(self.step + 1)  # data loading is part of a step's cost
                 micro = [next(stream) for _ in range(self.grad_accum)]
-                profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
                 dt = time.perf_counter() - t0
@@ -241,7 +251,8 @@ class Trainer:
                     if self.step % max(1, int(self.t.log_every)) == 0 or self.step == self.max_steps:
                         self._log(metrics, "train")
                 out_of_time = limit_s > 0 and time.monotonic() - started >= limit_s
-                stop = distributed.any_rank(self._stop or out_of_time)
+                signalled, out_of_time = distributed.any_rank_each(self._stop, out_of_time)
+                stop = signalled or out_of_time
                 at_end = self.step == self.max_steps
                 if self.has_val and (
                     (self.t.val_every and self.step % int(self.t.val_every) == 0) or at_end
@@ -252,10 +263,11 @@ class Trainer:
                 if stop or at_end or (periodic and not metrics["skipped"]):
                     self.save()
                 if stop:
-                    why = "by signal" if distributed.any_rank(self._stop) else "at train.time_limit_min"
+                    why = "by signal" if signalled else "at train.time_limit_min"
                     log.warning("stopped %s at step %d; checkpoint saved", why, self.step)
                     break
         finally:
+            profiler.close()  # a run that stops inside the profiled steps still writes what it saw
             bar.close()
             if self.writer is not None:
                 self.writer.close()

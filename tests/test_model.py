@@ -207,14 +207,19 @@ def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the counter this test reads is alive
+
+    def longest(captions):  # what sets ChatGLM's sequence length in captioning and retrieval
+        return max(len(model.tokenizer.encode(c, add_special_tokens=False)) for c in captions)
+
     ds = SyntheticLayoutDataset(40, resolution=64, seed=17, min_objects=2, max_objects=3)
-    seen = {tuple(len(c) for c in batch["captions"])}
+    seen = {longest(batch["captions"])}
     for start in range(0, 40, 4):
         other = collate_layout([ds[start + i] for i in range(4)])
         for mode in EXPECTED:
             model(other, mode)["loss"].backward()
-        seen.add(tuple(len(c) for c in other["captions"]))
-    assert len(seen) >= 5  # the batches really had other caption lengths
+        seen.add(longest(other["captions"]))
+    assert len(seen) >= 3, seen  # the batches really had other sequence lengths
     assert counters["stats"]["unique_graphs"] == graphs
 
 

@@ -322,10 +322,13 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
     assert steps == [1, 2, 3, 4, 5, 6]
 
     # A fresh run (no train.resume) into a folder that holds a run is refused: it would mix the two.
-    proc = subprocess.run(train_cmd(tiny_stack_dir, killed, *common), env=child_env, timeout=600,
+    config = (killed / "config.yaml").read_text()
+    proc = subprocess.run(train_cmd(tiny_stack_dir, killed, *common, "train.seed=4"), env=child_env, timeout=600,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "already holds a run" in proc.stderr
-    assert load_file(killed / "adapter.safetensors").keys() == b.keys()
+    assert (killed / "config.yaml").read_text() == config
+    for k, t in load_file(killed / "adapter.safetensors").items():
+        assert torch.equal(t, b[k]), k
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
