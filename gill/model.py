@@ -92,6 +92,7 @@ class GillModel(nn.Module):
         self.caption_max_tokens = cfg.caption_max_tokens
         self.caption_dropout = cfg.caption_dropout
         self.layout_dropout = cfg.layout_dropout
+        self.timestep_high_noise = float(cfg.get("timestep_high_noise", 0.0))
         self.mapper_loss_weight = cfg.mapper_loss_weight
         self.diffusion_loss_weight = cfg.diffusion_loss_weight
         self.adapter = GillAdapter(

@@ -137,7 +137,11 @@ def generation(model, batch: dict) -> dict:
     latents = model.latents(batch)
     noise = model.randn(*latents.shape)
     steps = model.noise_scheduler.config.num_train_timesteps
-    t = (model.rand(b) * steps).long().clamp(max=steps - 1)
+    u = model.rand(b)
+    if model.timestep_high_noise > 0:  # a config float: no GPU sync, and at 0 the random stream is unchanged
+        # a share of the samples from the noisier half of the schedule, where layout is decided
+        u = torch.where(model.rand(b) < model.timestep_high_noise, 0.5 + u / 2, u)
+    t = (u * steps).long().clamp(max=steps - 1)
     noisy = model.noise_scheduler.add_noise(latents, noise, t)
 
     box_mask = model.upload(batch["box_mask"])
