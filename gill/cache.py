@@ -48,6 +48,7 @@ from gill.data.cache import (
     diff_fingerprints,
     fingerprint,
     read_manifest,
+    read_shard_meta,
     shard_name,
     write_manifest,
 )
@@ -212,8 +213,6 @@ def _list_unlisted_shards(root: Path, manifest: dict, n_shards: int, fp_id: str)
     the fingerprint in its metadata proves it was built for this cache. Anything else (garbage, an
     older format) stays unlisted and is rebuilt over.
     """
-    from gill.data.cache import read_shard_meta
-
     listed = 0
     for j in range(n_shards):
         name, path = shard_name(j), root / shard_name(j)
@@ -233,8 +232,6 @@ def _list_unlisted_shards(root: Path, manifest: dict, n_shards: int, fp_id: str)
 
 def _finish_manifest(root: Path, manifest: dict, n_shards: int, fp_id: str) -> dict:
     """Rank 0, after every rank finished: list the shards, total them, mark the cache complete."""
-    from gill.data.cache import read_shard_meta
-
     _list_unlisted_shards(root, manifest, n_shards, fp_id)
     missing = [shard_name(j) for j in range(n_shards) if not _shard_done(root, manifest, j)]
     if missing:

@@ -5,7 +5,6 @@ through the same race-safe cache path production uses; `tiny_stack` loads it bac
 `gill.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
 """
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -44,6 +43,6 @@ def child_env() -> dict:
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port for a launcher's rendezvous (torchrun's --master_port=0 hangs on a static rendezvous)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    from gill.distributed import free_port as pick
+
+    return pick()

@@ -2,7 +2,6 @@
 ranks, exact resume after a kill, crash-safe checkpoints, and config contradictions caught early."""
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,10 +44,8 @@ def train_cmd(stack_dir, out, *extra, launcher=(sys.executable,), validate=False
 
 def deepspeed_2():
     """The `deepspeed` launcher of this interpreter (venv on PATH or not), 2 ranks, a free port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return (sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port))
+    return (sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
+            "--master_port", str(distributed.free_port()))
 
 
 # ---- parity ---------------------------------------------------------------------------------------
