@@ -143,7 +143,9 @@ def test_synthetic_pixels_fill_their_boxes():
             covered[y1:y2, x1:x2] = True
         # outside every box there is only background
         assert np.all(img[~covered] == BACKGROUNDS[bg_name])
-        assert item["caption"] == make_caption(bg_name, [o["label"] for o in objs])
+        # the caption names the objects left to right (by box centre), then top to bottom
+        in_reading_order = sorted(objs, key=lambda o: (o["bbox"][0] + o["bbox"][2], o["bbox"][1] + o["bbox"][3]))
+        assert item["caption"] == make_caption(bg_name, [o["label"] for o in in_reading_order])
     assert counts == {1, 2, 3}
 
 

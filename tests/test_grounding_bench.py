@@ -6,6 +6,8 @@ tower pretrained briefly, fixed pixel-space VAE, a UNet pretrained for a few hun
 trained by the project's trainer, held-out layouts generated with the adapter on and off, scored by
 the colour detector. Everything is seeded.
 """
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -94,3 +96,21 @@ def test_adapter_beats_no_adapter(tmp_path):
     # (leave-one-out nearest centroid over the 32 labels; the random tiny ChatGLM is below chance)
     te = res["text_encoder"]
     assert te["standin"]["phrase_colour_loo_acc"] >= te["random"]["phrase_colour_loo_acc"] + 0.25, te
+
+
+def test_standin_from_cached_text_vision_equals_fresh_build(tmp_path):
+    """The text encoder + tower are cached on their own (so a UNet-only change does not retrain them);
+    a stand-in built from that cache must be the one a from-scratch build gives: same weights, because
+    the cache also restores the random stream the UNet's training continues."""
+    p = grounding.apply_settings(grounding.PRESETS["ci"], ["pool=32", "tv_steps=3", "tv_batch=4", "unet_steps=3",
+                                                           "unet_batch=4"])
+    first, stats = grounding.build_standin(tmp_path, p, torch.device("cpu"))
+    fresh = {"unet": (first / "unet" / "diffusion_pytorch_model.safetensors").read_bytes(),
+             "image_encoder": (first / "image_encoder" / "model.safetensors").read_bytes()}
+    assert grounding.text_vision_cache(tmp_path, p, 0).is_dir()
+    shutil.rmtree(first)
+    again, stats2 = grounding.build_standin(tmp_path, p, torch.device("cpu"))
+    assert again == first
+    assert (again / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == fresh["unet"]
+    assert (again / "image_encoder" / "model.safetensors").read_bytes() == fresh["image_encoder"]
+    assert stats2["tv_eval_caption_exact"] == stats["tv_eval_caption_exact"]

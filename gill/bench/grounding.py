@@ -50,7 +50,7 @@ import torch.nn.functional as F
 log = logging.getLogger("gill.bench.grounding")
 
 REPO = Path(__file__).resolve().parents[2]
-STANDIN_VERSION = "s3"  # bump when the stand-in recipe changes (invalidates cached stacks)
+STANDIN_VERSION = "s4"  # bump when the stand-in recipe changes (invalidates cached stacks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,9 @@ class Preset:
     tv_batch: int = 32
     tv_lr: float = 2e-3
     tv_attr_weight: float = 1.0
+    vision_width: int = 64  # the stand-in CLIP tower (see standin_vision_config)
+    vision_layers: int = 3
+    vision_patch: int = 8
     eval_layouts: int = 48
     eval_pairs: int = 64
     sample_steps: int = 20
@@ -96,10 +99,14 @@ PRESETS = {
     # adapter_high_noise 0.5 (half the adapter's timesteps from the noisier half): success 0.538 -> 0.570 at 3000 steps
     # (mIoU 0.511 -> 0.512); 6000 steps did not help (0.506). cr_steps 600 / 1500 / 3000: recall@1 t2i 0.859 / 0.891 /
     # 0.906, i2t 0.906 / 0.906 / 0.922, caption exact 0.234 / 0.203 / 0.203 (docs/grounding_benchmark.md)
-    "cpu": Preset("cpu", adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000),
-    "gpu": Preset("gpu", adapter_lr=2e-3, pool=8192, vae_steps=3000, vae_batch=64, unet_steps=8000, unet_batch=128,
-                  adapter_steps=3000, adapter_batch=64, cr_steps=3000, cr_batch=64, eval_layouts=256,
-                  eval_pairs=256, sample_steps=30, tv_steps=10000, tv_batch=128),
+    "cpu": Preset("cpu", adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000, vision_width=128, vision_layers=4,
+                  tv_steps=6000, tv_batch=64),
+    # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound, so it buys width and batch at about
+    # the CPU's step counts: a 128-wide, 4-layer tower (on the GPU its held-out attribute read-out rose 3x faster per
+    # step than the cpu preset's 64-wide one), 4x the UNet batch on 4x the pool, 2x the adapter batch, 2-5x the eval
+    "gpu": Preset("gpu", pool=8192, unet_steps=3000, unet_batch=96, tv_steps=8000, tv_batch=64, vision_width=128,
+                  vision_layers=4, adapter_steps=3000, adapter_batch=32, adapter_lr=2e-3, adapter_high_noise=0.5,
+                  cr_steps=3000, cr_batch=32, eval_layouts=128, eval_pairs=256),
 }
 
 
@@ -277,11 +284,20 @@ def _key(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+_TV_FIELDS = ("resolution", "pool", "vae", "vae_steps", "vae_batch", "vae_lr", "tv_steps", "tv_batch", "tv_lr",
+              "tv_attr_weight", "vision_width", "vision_layers", "vision_patch")
+
+
 def standin_key(p: Preset) -> str:
     """Hash of the preset fields the stand-in depends on (adapter/eval settings do not rebuild it)."""
-    fields = ("resolution", "pool", "vae", "vae_steps", "vae_batch", "vae_lr", "unet_steps", "unet_batch", "unet_lr",
-              "unet_high_noise", "tv_steps", "tv_batch", "tv_lr", "tv_attr_weight")
-    return _key({f: getattr(p, f) for f in fields})
+    fields = (*_TV_FIELDS, "unet_steps", "unet_batch", "unet_lr", "unet_high_noise")
+    return _key({f: getattr(p, f) for f in sorted(fields)})
+
+
+def text_vision_key(p: Preset) -> str:
+    """Hash of what the pretrained text encoder and tower depend on (the VAE stage runs before them on
+    the same random stream), so a UNet-only change reuses them."""
+    return _key({f: getattr(p, f) for f in sorted(_TV_FIELDS)})
 
 
 def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0) -> tuple[Path, dict]:
@@ -297,6 +313,13 @@ def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0
     tmp = work_dir / (final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(ensure_tiny_stack(), tmp)
+    tv_cache = text_vision_cache(work_dir, p, seed)
+    tv_cached = p.tv_steps > 0 and (tv_cache / "TV.json").is_file()
+    if tv_cached:
+        log.info("text encoder + vision tower: reusing %s", tv_cache)
+        for sub in _TV_SUBDIRS:
+            shutil.rmtree(tmp / sub)
+            shutil.copytree(tv_cache / sub, tmp / sub)
     stack = load_stack({"name": "tiny", "pretrained_path": str(tmp), "dtype": "fp32"}, device=device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -315,8 +338,15 @@ def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0
         stats.update(train_vae(stack.vae, images, p, gen))
     else:
         raise ValueError(f"preset.vae must be 'pixel' or 'trained', got {p.vae!r}")
-    if p.tv_steps > 0:
-        stats.update(build_text_vision(stack, tmp, p, gen, device, seed))
+    if tv_cached:
+        from safetensors.torch import load_file
+
+        gen.set_state(load_file(str(tv_cache / "generator.safetensors"))["state"])
+        stats.update(json.loads((tv_cache / "TV.json").read_text()))
+    elif p.tv_steps > 0:
+        tv_stats = build_text_vision(stack, tmp, p, gen, device, seed)
+        save_text_vision_cache(tv_cache, tmp, tv_stats, gen)
+        stats.update(tv_stats)
     mean, std = encode_pool(stack.vae, images)
     scale = float(1.0 / mean.std())
     stats.update({"vae": p.vae, "vae_scaling_factor": scale, "latent_posterior_std": float(std.mean())})
@@ -371,28 +401,76 @@ def text_encoder_checks(stack_dir: Path, device) -> dict:
     return out
 
 
-def build_text_vision(stack, out: Path, p: Preset, gen, device, seed: int) -> dict:
-    """Replace the stand-in's random ChatGLM and CLIP tower by pretrained ones (see
-    :func:`pretrain_text_vision`) and save them into ``out`` in the real layout, loadable by
-    ``from_pretrained``. The vision tower gets :data:`STANDIN_VISION_CONFIG` and a 64 px preprocessor."""
-    from gill.data.synthetic import SyntheticLayoutDataset
+def attach_vision_tower(stack, p: Preset, device, seed: int) -> None:
+    """Give ``stack`` a fresh :func:`standin_vision_config` CLIP tower and a preprocessor at its input size."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed + 3)
-    stack.vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**STANDIN_VISION_CONFIG)).to(device)
-    size = STANDIN_VISION_CONFIG["image_size"]
+    cfg = standin_vision_config(p)
+    stack.vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg)).to(device)
+    size = cfg["image_size"]
     old = stack.image_processor
     stack.image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                                image_mean=old.image_mean, image_std=old.image_std)
+
+
+def pretrain_text_vision_split(stack, p: Preset, gen, seed: int) -> dict:
+    """:func:`pretrain_text_vision` on fresh train-split items, evaluated on 128 ``val`` images."""
+    from gill.data.synthetic import SyntheticLayoutDataset
+
     val = SyntheticLayoutDataset(128, p.resolution, seed=seed, split="val")
     train = SyntheticLayoutDataset(p.tv_steps * p.tv_batch, p.resolution, seed=seed + 1, split="train")
-    stats = pretrain_text_vision(stack, train, p, gen, [val[i] for i in range(len(val))])
+    return pretrain_text_vision(stack, train, p, gen, [val[i] for i in range(len(val))])
+
+
+def build_text_vision(stack, out: Path, p: Preset, gen, device, seed: int) -> dict:
+    """Replace the stand-in's random ChatGLM and CLIP tower by pretrained ones (see
+    :func:`pretrain_text_vision`) and save them into ``out`` in the real layout, loadable by
+    ``from_pretrained``."""
+    attach_vision_tower(stack, p, device, seed)
+    stats = pretrain_text_vision_split(stack, p, gen, seed)
     for sub in ("text_encoder", "image_encoder"):
         shutil.rmtree(out / sub)
     stack.text_encoder.save_pretrained(out / "text_encoder", safe_serialization=True)
     stack.vision.save_pretrained(out / "image_encoder", safe_serialization=True)
     stack.image_processor.save_pretrained(out / "image_encoder")
     return stats
+
+
+_TV_SUBDIRS = ("text_encoder", "image_encoder")
+
+
+def text_vision_cache(work_dir: Path, p: Preset, seed: int) -> Path:
+    """Where :func:`build_text_vision`'s result is cached on its own (the slowest stage after the UNet):
+    the saved folders, the stats and the generator's state afterwards, so that a stand-in built from
+    the cache continues the same random stream and equals one built from scratch."""
+    return work_dir / f"textvision-{STANDIN_VERSION}-{text_vision_key(p)}-seed{seed}"
+
+
+def save_text_vision_cache(cache: Path, stack_dir: Path, stats: dict, gen: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    tmp = cache.parent / (cache.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for sub in _TV_SUBDIRS:
+        shutil.copytree(stack_dir / sub, tmp / sub)
+    save_file({"state": gen.get_state()}, str(tmp / "generator.safetensors"))
+    (tmp / "TV.json").write_text(json.dumps(stats, indent=1))
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+
+
+def probe_text_vision(p: Preset, device, seed: int = 0) -> dict:
+    """Only stage (a0), nothing saved: pretrain the text encoder and tower of this preset and report
+    their held-out numbers (``--only text-vision``, for tuning the tower without building a UNet)."""
+    from gill.stack import ensure_tiny_stack, load_stack
+
+    stack = load_stack({"name": "tiny", "pretrained_path": ensure_tiny_stack(), "dtype": "fp32"}, device=device)
+    attach_vision_tower(stack, p, device, seed)
+    stats = pretrain_text_vision_split(stack, p, torch.Generator().manual_seed(seed), seed)
+    stats["vision_params"] = sum(q.numel() for q in stack.vision.parameters())
+    return {"preset": dataclasses.asdict(p), "text_vision": stats, "device": str(device)}
 
 
 def _tiny_model_cfg():
@@ -406,20 +484,29 @@ def _tiny_model_cfg():
 # =============================================================================================
 # The stand-in's CLIP vision tower. The tiny stack's (32 px input, width 32, 2 layers) cannot resolve
 # three 6-14 px shapes after its 2x downsampling; the stand-in sees the images at their 64 px.
-STANDIN_VISION_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                             image_size=64, patch_size=8, projection_dim=64)
+def standin_vision_config(p: Preset) -> dict:
+    """``CLIPVisionConfig`` kwargs of the stand-in tower: the preset's width, depth and patch, 16-wide
+    heads, a 2x MLP, the projection as wide as the tower, input at the images' own resolution."""
+    w = p.vision_width
+    return dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=p.vision_layers,
+                num_attention_heads=max(1, w // 16), image_size=p.resolution, patch_size=p.vision_patch,
+                projection_dim=w)
+
+
 MAX_SLOTS = 3  # the synthetic data's most objects per image
 
 
 def attribute_targets(item: dict) -> list[int]:
     """``[bg, colour_1, shape_1, ..., colour_3, shape_3]`` class ids in caption order (none = last id)."""
+    from gill.data.synthetic import reading_order
     from gill.data.vocab import BACKGROUNDS, COLORS, SHAPES
 
     bg = item["caption"].split("背景")[0]
     out = [list(BACKGROUNDS).index(bg)]
+    objects = reading_order(item["objects"])
     for j in range(MAX_SLOTS):
-        if j < len(item["objects"]):
-            lab = item["objects"][j]["label"]
+        if j < len(objects):
+            lab = objects[j]["label"]
             out += [list(COLORS).index(lab[:2]), SHAPES.index(lab[2:])]
         else:
             out += [len(COLORS), len(SHAPES)]
@@ -605,8 +692,14 @@ def _pretrain_eval(stack, heads, items, k: int) -> dict:
     from gill.chatglm import lm_logits
     from gill.validation import recall_at_k
 
+    import types
+
+    from gill.inference.captioning import allowed_token_mask
+
     te, vis, tok = stack.text_encoder, stack.vision, stack.tokenizer
     dev = next(te.parameters()).device
+    # the captioning path's own restriction (no specials, no padded vocabulary rows): an early model emits them
+    allowed = allowed_token_mask(types.SimpleNamespace(text_encoder=te, tokenizer=tok, device=dev))
     img = vis(pixel_values=_pixel_values(stack, items).to(dev)).image_embeds
     cap_ids = [tok.encode(it["caption"], add_special_tokens=False) for it in items]
     ids, mask, lab, _ = _lm_batch(tok, 0, cap_ids, dev)
@@ -620,7 +713,7 @@ def _pretrain_eval(stack, heads, items, k: int) -> dict:
         ids, mask, _, slots = _lm_batch(tok, k, rows, dev)
         ids, mask, slots = ids[:, :-1], mask[:, :-1], slots[:, :-1]  # drop the eos _lm_batch appends
         last, _ = _run_lm(te, ids, mask, slots, prefix)
-        nxt = lm_logits(te, last[:, -1]).argmax(-1).tolist()
+        nxt = lm_logits(te, last[:, -1]).masked_fill(~allowed, float("-inf")).argmax(-1).tolist()
         for r, t in zip(rows, nxt):
             r.append(t)
         if all(eos in r for r in rows):
@@ -669,7 +762,7 @@ def matched_inner_dims(inner_self: int) -> dict[str, tuple[int, int]]:
     return {"self": (inner_self, target), "cross": (best, spatial_params("cross", best))}
 
 
-def train_with_trainer(stack_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
+def train_with_trainer(stack_dir: Path, out_dir: Path, overrides: list[str], device: torch.device) -> dict:
     """One ``gill.recipe.run`` on a composed config; cached by its ``adapter.safetensors``."""
     from gill.recipe import run
 
@@ -682,7 +775,9 @@ def train_with_trainer(stack_dir: Path, out_dir: Path, overrides: list[str]) -> 
     cfg = compose_cfg([
         f"model.pretrained_path={stack_dir}", f"train.output_dir={out_dir}", "data.val=null",
         # fp32 everywhere: the pixel-space VAE's offsets need fp32's mantissa (see build_pixel_vae)
-        "deepspeed=zero0", "train.precision=fp32", "train.save_every=0", "train.keep_last=1", "train.log_every=1", *overrides,
+        "deepspeed=zero0", "train.precision=fp32", "train.save_every=0", "train.keep_last=1", "train.log_every=1",
+        # torch's AdamW instead of DeepSpeed's FusedAdam: no JIT build (~1 min) for updating a few 100k parameters
+        *(["+deepspeed.overrides.optimizer.params.torch_adam=true"] if device.type == "cuda" else []), *overrides,
     ])
     t0 = time.perf_counter()
     run(cfg)
@@ -817,7 +912,7 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
         inner, params = dims[inj]
         overrides = adapter_overrides(p, inj, inner, seed)
         run_dir = work_dir / f"adapter-{p.name}-{stack_dir.name}-{inj}-{_key([*overrides, ADAPTER_LOSS_VERSION])}"
-        info = train_with_trainer(stack_dir, run_dir, overrides)
+        info = train_with_trainer(stack_dir, run_dir, overrides, device)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
         save = images_dir / inj if images_dir else None
         on = grounding_scores(model, layouts, p, beta=p.beta, save_dir=save, save_first=8)
@@ -833,7 +928,7 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
     if p.cr_steps > 0:
         overrides = cr_overrides(p, seed)
         run_dir = work_dir / f"capret-{p.name}-{stack_dir.name}-{_key(overrides)}"
-        info = train_with_trainer(stack_dir, run_dir, overrides)
+        info = train_with_trainer(stack_dir, run_dir, overrides, device)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
         results["captioning_retrieval"] = {"train": info, **caption_retrieval_scores(model, heldout_layouts(p, p.eval_pairs, seed=1))}
     results["total_s"] = time.perf_counter() - t_start
@@ -886,9 +981,9 @@ def render_markdown(res: dict, command: str) -> str:
               f"from the noisier half), caption conditioning only (final eps MSE "
               f"{s['unet_eps_mse']:.4f}), UNet built in {(s.get('vae_s', 0) + s['unet_s']) / 60:.1f} min."]
     if "tv_s" in s:
-        lines += ["", f"Stand-in text encoder (tiny ChatGLM) and CLIP vision tower ({STANDIN_VISION_CONFIG['image_size']} px, "
-                  f"patch {STANDIN_VISION_CONFIG['patch_size']}, width {STANDIN_VISION_CONFIG['hidden_size']}, "
-                  f"{STANDIN_VISION_CONFIG['num_hidden_layers']} layers) pretrained together {p['tv_steps']} steps x batch "
+        lines += ["", f"Stand-in text encoder (tiny ChatGLM) and CLIP vision tower ({p['resolution']} px, "
+                  f"patch {p.get('vision_patch', 8)}, width {p.get('vision_width', 64)}, "
+                  f"{p.get('vision_layers', 3)} layers) pretrained together {p['tv_steps']} steps x batch "
                   f"{p['tv_batch']} (fresh train images each step), {s['tv_s'] / 60:.1f} min, then frozen. Held-out (128 `val` "
                   f"images), through the pretraining-only heads: caption exact match {s['tv_eval_caption_exact']:.3f}, "
                   f"contrastive recall@1 t2i {s['tv_eval_t2i_recall@1']:.3f} / i2t {s['tv_eval_i2t_recall@1']:.3f} (over 128, "
@@ -932,12 +1027,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a Preset field for this run, e.g. --set adapter_high_noise=0.5 (repeatable)")
+    ap.add_argument("--only", choices=["text-vision"], default=None,
+                    help="text-vision: only pretrain the stand-in's text encoder and tower, print their held-out numbers "
+                         "as JSON (nothing cached or written; for tuning the vision_* / tv_* fields)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar; the log says enough
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     work = Path(args.work_dir or Path.home() / ".cache" / "gill" / "bench")
+    if args.only == "text-vision":
+        res = probe_text_vision(apply_settings(PRESETS[args.preset], args.set), device, args.seed)
+        print(json.dumps(res, ensure_ascii=False, indent=1))
+        return res
     injections = ["self", "cross"] if args.injection == "both" else [args.injection]
     res = run_benchmark(args.preset, injections, work, device, args.seed, Path(args.images) if args.images else None,
                         args.set)

