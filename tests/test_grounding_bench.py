@@ -114,3 +114,14 @@ def test_standin_from_cached_text_vision_equals_fresh_build(tmp_path):
     assert (again / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == fresh["unet"]
     assert (again / "image_encoder" / "model.safetensors").read_bytes() == fresh["image_encoder"]
     assert stats2["tv_eval_caption_exact"] == stats["tv_eval_caption_exact"]
+
+
+def test_layout_guidance_setting():
+    """`negative="caption"` (the cpu/gpu presets' layout guidance) makes the caption the unconditional
+    branch's prompt; "empty" keeps KolorsPipeline's empty one; anything else is refused, not ignored."""
+    cpu = grounding.PRESETS["cpu"]
+    assert cpu.negative == "caption" and grounding.negative_prompt(cpu, "红色圆形") == "红色圆形"
+    empty = grounding.apply_settings(cpu, ["negative=empty"])
+    assert grounding.negative_prompt(empty, "红色圆形") == ""
+    with pytest.raises(ValueError, match="negative"):
+        grounding.negative_prompt(grounding.apply_settings(cpu, ["negative=none"]), "红色圆形")

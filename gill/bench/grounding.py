@@ -87,6 +87,11 @@ class Preset:
     sample_steps: int = 20
     guidance: float = 3.0
     beta: float = 1.0
+    # the guidance's unconditional branch: "empty" (empty caption + null layout: guides caption and layout together,
+    # KolorsPipeline's and GLIGEN's default) | "caption" (the caption + null layout: guides the layout alone)
+    negative: str = "empty"
+    caption_beams: int = 1  # 1: greedy captions; more: gill.inference.captioning.beam_caption
+    eval_split: str = "test"  # held-out split of the layouts and pairs ("val" for choosing sampler settings)
     inner_dim_self: int = 16  # the cross injection gets the inner width matching self's parameter count
 
 
@@ -99,14 +104,18 @@ PRESETS = {
     # adapter_high_noise 0.5 (half the adapter's timesteps from the noisier half): success 0.538 -> 0.570 at 3000 steps
     # (mIoU 0.511 -> 0.512); 6000 steps did not help (0.506). cr_steps 600 / 1500 / 3000: recall@1 t2i 0.859 / 0.891 /
     # 0.906, i2t 0.906 / 0.906 / 0.922, caption exact 0.234 / 0.203 / 0.203 (docs/grounding_benchmark.md)
+    # negative "caption" (guidance on the layout alone): on session 3's stand-in and cross adapter, mIoU 0.512 -> 0.571,
+    # success 0.570 -> 0.699 against "empty" (guidance 1.5 with "empty": 0.468)
     "cpu": Preset("cpu", adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000, vision_width=128, vision_layers=4,
-                  tv_steps=6000, tv_batch=64),
-    # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound, so it buys width and batch at about
-    # the CPU's step counts: a 128-wide, 4-layer tower (on the GPU its held-out attribute read-out rose 3x faster per
-    # step than the cpu preset's 64-wide one), 4x the UNet batch on 4x the pool, 2x the adapter batch, 2-5x the eval
-    "gpu": Preset("gpu", pool=8192, unet_steps=3000, unet_batch=96, tv_steps=8000, tv_batch=64, vision_width=128,
+                  tv_steps=6000, tv_batch=64, negative="caption"),
+    # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound (session 4: the 128-wide tower's
+    # pretraining ran ~70 ms/step at batch 64 on an H200, ~5x one CPU thread), so it buys batch, pool and evaluation
+    # size at the cpu preset's step counts: 4x the UNet batch on 4x the pool, 2x the adapter and captioning
+    # batches, 128 layouts and 256 pairs. Not run end to end yet (~25 min of H200 time; its text/vision stage alone
+    # is ~7 min, cached on its own so a second call continues after it).
+    "gpu": Preset("gpu", pool=8192, unet_steps=3000, unet_batch=96, tv_steps=6000, tv_batch=64, vision_width=128,
                   vision_layers=4, adapter_steps=3000, adapter_batch=32, adapter_lr=2e-3, adapter_high_noise=0.5,
-                  cr_steps=3000, cr_batch=32, eval_layouts=128, eval_pairs=256),
+                  cr_steps=3000, cr_batch=32, eval_layouts=128, eval_pairs=256, negative="caption"),
 }
 
 
@@ -819,8 +828,14 @@ def cr_overrides(p: Preset, seed: int) -> list[str]:
 def heldout_layouts(p: Preset, n: int, seed: int = 0) -> list[dict]:
     from gill.data.synthetic import SyntheticLayoutDataset
 
-    data = SyntheticLayoutDataset(n, p.resolution, seed=seed, split="test")
+    data = SyntheticLayoutDataset(n, p.resolution, seed=seed, split=p.eval_split)
     return [data[i] for i in range(n)]
+
+
+def negative_prompt(p: Preset, caption: str) -> str:
+    if p.negative not in ("empty", "caption"):
+        raise ValueError(f"preset.negative must be 'empty' or 'caption', got {p.negative!r}")
+    return caption if p.negative == "caption" else ""
 
 
 @torch.no_grad()
@@ -834,7 +849,7 @@ def grounding_scores(model, layouts: list[dict], p: Preset, beta: float, seed: i
     for i, item in enumerate(layouts):
         objects = [(o["label"], o["bbox"]) for o in item["objects"]]
         image = generate_layout(model, item["caption"], objects, steps=p.sample_steps, guidance_scale=p.guidance,
-                                beta=beta, seed=seed + i)[0]
+                                beta=beta, seed=seed + i, negative_prompt=negative_prompt(p, item["caption"]))[0]
         dets += detect(image, objects)
         place.append(foreground_in_boxes(image, [b for _, b in objects]))
         if save_dir is not None and i < save_first:
@@ -848,9 +863,10 @@ def grounding_scores(model, layouts: list[dict], p: Preset, beta: float, seed: i
 
 
 @torch.no_grad()
-def caption_retrieval_scores(model, pairs: list[dict], batch: int = 32) -> dict:
-    """Held-out pairs: text->image and image->text recall@1 over all of them, greedy-caption exact match."""
-    from gill.inference.captioning import caption
+def caption_retrieval_scores(model, pairs: list[dict], batch: int = 32, beams: int = 1) -> dict:
+    """Held-out pairs: text->image and image->text recall@1 over all of them, caption exact match
+    (greedy, or beam search with ``beams`` > 1)."""
+    from gill.inference.captioning import beam_caption, caption
     from gill.inference.retrieval import embed_images, embed_texts
     from gill.validation import recall_at_k
 
@@ -861,7 +877,10 @@ def caption_retrieval_scores(model, pairs: list[dict], batch: int = 32) -> dict:
     sim = txt @ img.T
     hyps = []
     for s in range(0, len(images), batch):
-        hyps += caption(model, images[s : s + batch], max_new_tokens=int(model.caption_max_tokens))
+        if beams > 1:
+            hyps += beam_caption(model, images[s : s + batch], num_beams=beams, max_new_tokens=int(model.caption_max_tokens))
+        else:
+            hyps += caption(model, images[s : s + batch], max_new_tokens=int(model.caption_max_tokens))
     exact = float(np.mean([h == c for h, c in zip(hyps, captions)]))
     return {
         "t2i_recall@1": recall_at_k(sim, 1), "i2t_recall@1": recall_at_k(sim.T, 1), "caption_exact": exact,
@@ -930,7 +949,8 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
         run_dir = work_dir / f"capret-{p.name}-{stack_dir.name}-{_key(overrides)}"
         info = train_with_trainer(stack_dir, run_dir, overrides, device)
         model = load_for_eval(run_dir / "adapter.safetensors", device)
-        results["captioning_retrieval"] = {"train": info, **caption_retrieval_scores(model, heldout_layouts(p, p.eval_pairs, seed=1))}
+        results["captioning_retrieval"] = {"train": info, **caption_retrieval_scores(model, heldout_layouts(p, p.eval_pairs, seed=1),
+                                                                                   beams=p.caption_beams)}
     results["total_s"] = time.perf_counter() - t_start
     return results
 
@@ -947,8 +967,10 @@ def render_markdown(res: dict, command: str) -> str:
         f"Command: `{command}` — device `{res['device']}`, total {res['total_s'] / 60:.1f} min "
         f"(preset `{p['name']}`; method and caveats in `docs/grounding_benchmark.md`).",
         "",
-        f"Held-out layouts: {p['eval_layouts']} from the `test` split ({off['n']} requested objects), "
-        f"{p['sample_steps']} Euler steps, guidance {p['guidance']}, adapter on for beta = {p['beta']} of the steps; "
+        f"Held-out layouts: {p['eval_layouts']} from the `{p.get('eval_split', 'test')}` split ({off['n']} requested objects), "
+        f"{p['sample_steps']} Euler steps, guidance {p['guidance']} against "
+        f"{'the caption with a null layout (layout guidance)' if p.get('negative') == 'caption' else 'an empty caption with a null layout'}, "
+        f"adapter on for beta = {p['beta']} of the steps; "
         "\"off\" = the same stand-in stack, same seeds, beta = 0. Success = IoU > 0.5 between the requested box and "
         "the colour detector's box.",
         "",
@@ -1008,7 +1030,8 @@ def render_markdown(res: dict, command: str) -> str:
                   f"| caption exact match ≥ {GOALS['caption_exact']} | {cr['caption_exact']:.3f} | "
                   f"{ok(cr['caption_exact'] >= GOALS['caption_exact'])} |"]
         lines += ["", f"Captioning + retrieval: project trainer, `train.modes=[captioning,retrieval]`, {p['cr_steps']} "
-                  f"steps x batch {p['cr_batch']}, lr {p['cr_lr']}. Examples (reference → greedy caption):", ""]
+                  f"steps x batch {p['cr_batch']}, lr {p['cr_lr']}. Examples (reference → "
+                  f"{'greedy caption' if p.get('caption_beams', 1) <= 1 else str(p['caption_beams']) + '-beam caption'}):", ""]
         lines += [f"* {ref} → {hyp}" for ref, hyp in cr["examples"]]
     lines += ["", "<details><summary>raw results (JSON)</summary>", "", "```json",
               json.dumps(res, ensure_ascii=False, indent=1, default=str), "```", "</details>", ""]
