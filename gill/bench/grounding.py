@@ -697,8 +697,6 @@ def pretrain_text_vision(stack, data, p: "Preset", gen: torch.Generator, eval_it
 @torch.no_grad()
 def _pretrain_eval(stack, heads, items, k: int) -> dict:
     """Held-out: greedy captions through the pretraining prefix (exact match), contrastive recall@1."""
-    import types
-
     from gill.chatglm import lm_logits
     from gill.inference.captioning import allowed_token_mask
     from gill.validation import recall_at_k
@@ -706,7 +704,7 @@ def _pretrain_eval(stack, heads, items, k: int) -> dict:
     te, vis, tok = stack.text_encoder, stack.vision, stack.tokenizer
     dev = next(te.parameters()).device
     # the captioning path's own restriction (no specials, no padded vocabulary rows): an early model emits them
-    allowed = allowed_token_mask(types.SimpleNamespace(text_encoder=te, tokenizer=tok, device=dev))
+    allowed = allowed_token_mask(te, tok)
     img = vis(pixel_values=_pixel_values(stack, items).to(dev)).image_embeds
     cap_ids = [tok.encode(it["caption"], add_special_tokens=False) for it in items]
     ids, mask, lab, _ = _lm_batch(tok, 0, cap_ids, dev)

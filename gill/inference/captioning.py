@@ -20,14 +20,14 @@ def _vision_features(model, images) -> torch.Tensor:
     return model.vision_features({"images": [im.convert("RGB") for im in images]})
 
 
-def allowed_token_mask(model) -> torch.Tensor:
+def allowed_token_mask(text_encoder, tokenizer) -> torch.Tensor:
     """``[V]`` bool: ids a caption may contain.
 
     Excludes ChatGLM's role/mask specials (``[gMASK]``, ``sop``, ``<|user|>`` ...), bos/unk, and the
     padded vocabulary rows no token maps to; a model this early in training would otherwise emit them.
     """
-    vocab = model.text_encoder.output_layer.out_features
-    tok = model.tokenizer
+    vocab = text_encoder.output_layer.out_features
+    tok = tokenizer
     sp = getattr(tok, "tokenizer", None)
     n_real = min(vocab, getattr(sp, "n_words", len(tok)))
     allowed = torch.zeros(vocab, dtype=torch.bool)
@@ -35,7 +35,7 @@ def allowed_token_mask(model) -> torch.Tensor:
     for tid in list(getattr(sp, "special_tokens", {}).values()) + [getattr(sp, "bos_id", None), tok.pad_token_id]:
         if tid is not None and 0 <= tid < vocab and tid != tok.eos_token_id:
             allowed[tid] = False
-    return allowed.to(model.device)
+    return allowed.to(text_encoder.output_layer.weight.device)
 
 
 def next_token_logprobs(model, prefix: torch.Tensor, tokens: list[list[int]], allowed: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ def _decode(model, ids: list[int]) -> str:
 def greedy_caption(model, images, *, max_new_tokens: int = 32) -> list[str]:
     """Greedy captions for a list of PIL images (or precomputed vision features ``[B, Dv]``)."""
     prefix = model.adapter.prefix_embeds(_vision_features(model, images))
-    eos, allowed = model.tokenizer.eos_token_id, allowed_token_mask(model)
+    eos, allowed = model.tokenizer.eos_token_id, allowed_token_mask(model.text_encoder, model.tokenizer)
     tokens: list[list[int]] = [[] for _ in range(prefix.shape[0])]
     done = [False] * len(tokens)
     for _ in range(max_new_tokens):
@@ -77,7 +77,7 @@ def beam_caption(model, images, *, num_beams: int = 4, max_new_tokens: int = 32,
     ``num_beams`` captions finished or after ``max_new_tokens``."""
     feats = _vision_features(model, images)
     prefix = model.adapter.prefix_embeds(feats)
-    eos, allowed = model.tokenizer.eos_token_id, allowed_token_mask(model)
+    eos, allowed = model.tokenizer.eos_token_id, allowed_token_mask(model.text_encoder, model.tokenizer)
     out = []
     for b in range(prefix.shape[0]):  # one image at a time: its beams form the batch
         beams: list[tuple[list[int], float]] = [([], 0.0)]
