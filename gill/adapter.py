@@ -44,10 +44,11 @@ class GillAdapter(nn.Module):
             decoder_layers=m.decoder_layers, heads=m.heads,
         )
         s = cfg.spatial
+        # .get: adapters saved before ``outside`` existed keep their behaviour
         self.spatial = SpatialAdapter(
             unet, phrase_dim=llm_dim, injection=s.injection, blocks=s.blocks, inner_dim=s.inner_dim,
             token_dim=s.token_dim, tokenizer_hidden=s.tokenizer_hidden, head_dim=s.head_dim,
-            max_objects=s.max_objects, box_mask=s.box_mask,
+            max_objects=s.max_objects, box_mask=s.box_mask, outside=s.get("outside", "null"),
         )
 
     def prefix_embeds(self, vision_features: torch.Tensor) -> torch.Tensor:

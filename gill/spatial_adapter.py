@@ -15,6 +15,10 @@ Injection points (``injection``):
   residual stream between ``attn1`` and ``attn2``.
 * ``"cross"`` — a decoupled gated cross-attention from visual tokens to grounding tokens, added
   to ``attn2``'s output; optionally masked so a pixel only attends to the boxes containing it.
+  What a pixel inside no box attends to (``outside``): only a learned null token (``"null"``), or
+  the null token and every object (``"all"``). With ``"null"`` the adapter adds one constant vector
+  to every such pixel; with ``"all"`` the attention weights depend on the pixel, so the adapter can
+  act on what the frozen UNet draws outside the boxes (e.g. a caption's object drawn elsewhere).
 
 Both run in a bottleneck of width ``inner_dim`` to keep the adapter near the ~50M budget at
 Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters).
@@ -159,13 +163,17 @@ class SpatialAdapter(nn.Module):
         head_dim: int = 64,
         max_objects: int = 30,
         box_mask: bool = True,
+        outside: str = "null",
     ):
         super().__init__()
         if injection not in ("self", "cross"):
             raise ValueError(f"spatial adapter injection must be 'self' or 'cross', got {injection!r}")
+        if outside not in ("null", "all"):
+            raise ValueError(f"spatial adapter outside must be 'null' or 'all', got {outside!r}")
         self.injection = injection
         self.max_objects = max_objects
         self.use_box_mask = box_mask and injection == "cross"
+        self.outside = outside
         self.tokenizer = GroundingTokenizer(phrase_dim, token_dim, tokenizer_hidden)
         # Always-visible null key: a pixel inside no box still has something to attend to.
         self.null_token = nn.Parameter(torch.zeros(1, 1, token_dim)) if injection == "cross" else None
@@ -206,7 +214,8 @@ class SpatialAdapter(nn.Module):
         return take(boxes), take(mask), take(phrase_embeds)
 
     def _box_mask(self, n_tokens: int) -> torch.Tensor:
-        """``[B, n, N+1]`` bool: token i may attend to object j iff its centre lies in box j."""
+        """``[B, n, N+1]`` bool: token i may attend to object j iff its centre lies in box j (or, with
+        ``outside="all"``, iff it lies in no box); the null token (last) is always visible."""
         h, w = self._state["latent_hw"]
         scale = math.sqrt(h * w / n_tokens)
         gh, gw = round(h / scale), round(w / scale)
@@ -217,6 +226,8 @@ class SpatialAdapter(nn.Module):
         cx, cy = cx.reshape(1, -1, 1), cy.reshape(1, -1, 1)
         b = boxes.float()[:, None]  # [B, 1, N, 4]
         inside = (cx >= b[..., 0]) & (cx <= b[..., 2]) & (cy >= b[..., 1]) & (cy <= b[..., 3]) & mask[:, None]
+        if self.outside == "all":
+            inside = inside | (~inside.any(-1, keepdim=True) & mask[:, None])
         null = torch.ones(*inside.shape[:2], 1, dtype=torch.bool, device=inside.device)
         return torch.cat((inside, null), dim=-1)
 

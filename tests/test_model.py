@@ -75,6 +75,22 @@ def test_cross_box_mask_confines_attention_to_boxes(tiny_stack_dir):
     assert m[0, :, 2].all(), "the null token is always visible"
 
 
+def test_cross_outside_all_lets_pixels_in_no_box_see_every_object(tiny_stack_dir):
+    model = make_model(tiny_stack_dir, **{"adapter.spatial.injection": "cross", "adapter.spatial.outside": "all"})
+    sa = model.adapter.spatial
+    boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.5, 0.5, 1.0], [0, 0, 0, 0]]])
+    mask = torch.tensor([[True, True, False]])
+    sa.set_layout(torch.zeros(1, 3, model.llm_dim), boxes, mask, (16, 16))
+    m = sa._box_mask(64)[0].view(8, 8, 4)
+    assert m[:4, :4, 0].all() and not m[:4, :4, 1].any(), "inside a box: that box only"
+    assert m[4:, :4, 1].all() and not m[4:, :4, 0].any()
+    assert m[:, 4:, 0].all() and m[:, 4:, 1].all(), "in no box: every object"
+    assert not m[..., 2].any(), "padding slots are never attended"
+    assert m[..., 3].all()
+    with pytest.raises(ValueError, match="outside"):
+        make_model(tiny_stack_dir, **{"adapter.spatial.injection": "cross", "adapter.spatial.outside": "some"})
+
+
 def test_encode_prompt_matches_kolors_pipeline(tiny_stack, tiny_stack_dir):
     from diffusers import KolorsPipeline
 

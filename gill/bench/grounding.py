@@ -70,6 +70,7 @@ class Preset:
     adapter_batch: int = 16
     adapter_lr: float = 1e-2  # tanh gates start at 0 and Adam moves them ~lr per step
     adapter_high_noise: float = 0.0  # share of the adapter's generation timesteps from the noisier half (0: uniform)
+    adapter_outside: str = "null"  # cross: what a pixel in no box attends to (model.adapter.spatial.outside)
     caption_dropout: float = 0.5
     layout_dropout: float = 0.1
     cr_steps: int = 600  # captioning + retrieval trainer run (0: skip)
@@ -806,6 +807,7 @@ def adapter_overrides(p: Preset, injection: str, inner_dim: int, seed: int) -> l
         f"data.num_samples={max(4096, p.adapter_steps * p.adapter_batch)}", f"train.seed={seed}",
         # only when set: the override is part of the cache key, and 0 is the config default (uniform timesteps)
         *([f"model.timestep_high_noise={p.adapter_high_noise}"] if p.adapter_high_noise else []),
+        *([f"model.adapter.spatial.outside={p.adapter_outside}"] if p.adapter_outside != "null" else []),
     ]
 
 
