@@ -8,7 +8,6 @@ the colour detector. Everything is seeded.
 """
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,7 +41,7 @@ def test_detector_scores_real_images_perfectly():
     assert detector.detect(blank, [("红色圆形", (0.1, 0.1, 0.4, 0.4))])[0].iou == 0.0
 
 
-def test_pixel_vae_round_trip_is_pooling_and_upsampling():
+def test_pixel_vae_round_trip_is_pooling_and_upsampling(tmp_path):
     vae = grounding.build_pixel_vae()
     ds = SyntheticLayoutDataset(16, 64, split="test")
     items = [ds[i] for i in range(16)]
@@ -54,14 +53,11 @@ def test_pixel_vae_round_trip_is_pooling_and_upsampling():
         assert dist.mean[:, 3].abs().max() < 1e-6 and dist.std.max() < 1e-6
         rec = vae.decode(dist.mean).sample
     assert torch.allclose(rec, torch.nn.functional.interpolate(pooled, scale_factor=4), atol=1e-3)
-    # The detector on round-tripped real images: the ceiling any generator behind this VAE can reach
-    # (measured on 200 test images: mIoU 0.72, success 0.91; 4x4 pooling blurs the shapes' edges).
-    imgs = ((rec.permute(0, 2, 3, 1) + 1) * 127.5).clamp(0, 255).round().numpy().astype(np.uint8)
-    dets = []
-    for img, item in zip(imgs, items):
-        dets += detector.detect(img, [(o["label"], o["bbox"]) for o in item["objects"]])
-    s = detector.summarize(dets)
-    assert s["miou"] > 0.6 and s["success"] > 0.75, s
+    # The detector on round-tripped real images (saved and loaded as a stack's vae/): the ceiling any generator
+    # behind this VAE can reach (48 test layouts: mIoU 0.745, success 0.935; 4x4 pooling blurs the shapes' edges).
+    vae.save_pretrained(tmp_path / "vae")
+    s = grounding.vae_ceiling_scores(tmp_path, items, "cpu")
+    assert 0.6 < s["miou"] < 0.9 and s["success"] > 0.75 and s["found"] == 1.0, s
 
 
 def test_render_validation_images(tiny_stack, tmp_path):
