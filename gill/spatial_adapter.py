@@ -18,7 +18,8 @@ Injection points (``injection``):
   What a pixel inside no box attends to (``outside``): only a learned null token (``"null"``), or
   the null token and every object (``"all"``). With ``"null"`` the adapter adds one constant vector
   to every such pixel; with ``"all"`` the attention weights depend on the pixel, so the adapter can
-  act on what the frozen UNet draws outside the boxes (e.g. a caption's object drawn elsewhere).
+  act on what the frozen UNet draws outside the boxes (e.g. a caption's object drawn elsewhere). On
+  the grounding benchmark ``"all"`` scored lower (docs/grounding_benchmark.md, session 5).
 
 Both run in a bottleneck of width ``inner_dim`` to keep the adapter near the ~50M budget at
 Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters).
