@@ -114,9 +114,9 @@ PRESETS = {
                   tv_steps=9000, tv_batch=64, negative="caption"),
     # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound (session 4: the 128-wide tower's
     # pretraining ran ~70 ms/step at batch 64 on an H200, ~5x one CPU thread), so it buys batch, pool and evaluation
-    # size at the cpu preset's step counts: 4x the UNet batch on 4x the pool, 2x the adapter and captioning
-    # batches, 128 layouts and 256 pairs. Not run end to end yet (~25 min of H200 time; its text/vision stage alone
-    # is ~7 min, cached on its own so a second call continues after it).
+    # size: 4x the UNet batch on 4x the pool, 2x the adapter and captioning batches, 128 layouts and 256 pairs. The
+    # tower pretrains 6000 steps, not the cpu preset's 9000: ~7 min, so the stage fits one 10-minute device call (it
+    # is cached on its own, so a second call continues after it). Not run end to end yet (~25 min of H200 time).
     "gpu": Preset("gpu", pool=8192, unet_steps=3000, unet_batch=96, tv_steps=6000, tv_batch=64, vision_width=128,
                   vision_layers=4, adapter_steps=3000, adapter_batch=32, adapter_lr=2e-3, adapter_high_noise=0.5,
                   cr_steps=3000, cr_batch=32, eval_layouts=128, eval_pairs=256, negative="caption"),
