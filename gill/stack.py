@@ -359,11 +359,12 @@ def _load_transformers(cls, wf: WeightFiles, component: str, dtype: torch.dtype)
                                weights_only=True, dtype=dtype)
 
 
-def _load_vision(vision_path: str, wf: WeightFiles, device, dtype: torch.dtype):
+def _load_vision(wf: WeightFiles, device, dtype: torch.dtype):
+    """The frozen CLIP vision tower (+ projection) and its image processor, from one folder."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     vision = _load_transformers(CLIPVisionModelWithProjection, wf, "vision", dtype)
-    return _freeze(vision, device, dtype), CLIPImageProcessor.from_pretrained(vision_path)
+    return _freeze(vision, device, dtype), CLIPImageProcessor.from_pretrained(wf.folder)
 
 
 def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
@@ -381,7 +382,7 @@ def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
     # Training uses DDPM's add_noise with Kolors' betas (1100 steps, scaled_linear); sampling code builds
     # its own Euler scheduler from the same folder.
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    vision, image_processor = _load_vision(vision_path, vision_weights, device, dtype)
+    vision, image_processor = _load_vision(vision_weights, device, dtype)
     return KolorsStack(
         unet=_freeze(unet, device, dtype),
         vae=_freeze(vae, device, _vae_dtype(dtype)),
@@ -497,7 +498,7 @@ def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     weights = check_kolors_dir(path, variant)
     vision_weights = check_vision_dir(vision_path, variant)
     vae = _load_diffusers(AutoencoderKL, weights["vae"], "vae", _vae_dtype(dtype))
-    vision, processor = _load_vision(vision_path, vision_weights, device, dtype)
+    vision, processor = _load_vision(vision_weights, device, dtype)
     return _freeze(vae, device, _vae_dtype(dtype)), vision, processor
 
 
