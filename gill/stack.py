@@ -15,12 +15,22 @@ Three presets, selected by `model_cfg.name` (DESIGN §3, §9):
 Every module is frozen: ``requires_grad_(False)``, ``.eval()``, cast to the dtype, moved to the device.
 No ``trust_remote_code`` anywhere: ChatGLM comes from ``diffusers.pipelines.kolors``.
 
+Weight files (DESIGN §3): Kolors-diffusers publishes only fp16 *variant* files
+(``diffusion_pytorch_model.fp16.safetensors``, a 3-shard ``model.fp16-0000k-of-00003.safetensors`` text
+encoder with ``model.safetensors.index.fp16.json``). Each component folder is probed for the
+``model.variant`` files first and the plain names second (:func:`find_weights`), and the libraries' own
+``variant=`` argument loads what was found; the choice is logged per component. A vision tower that ships
+only ``pytorch_model.bin`` (Kolors-IP-Adapter-Plus) is read by transformers with ``weights_only=True``:
+tensors only, no code runs while unpickling.
+
 The parameter table of a preset (stack and adapter): ``python -m gill.params model=kolors_random``.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,7 +46,14 @@ from gill.tiny_stack import (
     init_chatglm_weights_,
 )
 
+log = logging.getLogger(__name__)
+
 KOLORS_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# What from_pretrained reads in a folder, single file or sharded index (diffusers / transformers names).
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TRANSFORMERS_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 # ---- real Kolors dimensions (Kolors-diffusers configs), used by `kolors_random` ----------------
 KOLORS_UNET_CONFIG = dict(
@@ -196,25 +213,29 @@ def _default_dtype(dtype: torch.dtype):
 # ------------------------------------------------------------------------------------------------
 # tiny: build-once cache
 # ------------------------------------------------------------------------------------------------
-def default_tiny_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "gill", f"tiny-{TINY_VERSION}")
+def default_tiny_cache_dir(layout: str = "plain") -> str:
+    suffix = "" if layout == "plain" else f"-{layout}"
+    return os.path.join(os.path.expanduser("~"), ".cache", "gill", f"tiny-{TINY_VERSION}{suffix}")
 
 
-def ensure_tiny_stack(cache_dir: str | None = None) -> str:
+def ensure_tiny_stack(cache_dir: str | None = None, layout: str = "plain") -> str:
     """Return a built tiny stack directory, building it on first use.
+
+    `layout`: "plain" or "published" (the Kolors-diffusers file names and fp16 weights,
+    :func:`gill.tiny_stack.build_tiny_stack`).
 
     Race-safe across ranks/processes: each builder writes a private temp dir next to the target and
     renames it into place; rename onto an existing non-empty directory fails, so the first finisher
     wins and the others discard their copy. A directory is only ever visible complete.
     """
-    final = os.path.abspath(os.path.expanduser(cache_dir or default_tiny_cache_dir()))
+    final = os.path.abspath(os.path.expanduser(cache_dir or default_tiny_cache_dir(layout)))
     if os.path.isfile(os.path.join(final, "model_index.json")):
         return final
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=parent)
     try:
-        build_tiny_stack(tmp)
+        build_tiny_stack(tmp, layout=layout)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache is meant to be shared
         try:
             os.rename(tmp, final)
@@ -233,10 +254,70 @@ def ensure_tiny_stack(cache_dir: str | None = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# which weight files a component folder holds
+# ------------------------------------------------------------------------------------------------
+def add_variant(name: str, variant: str | None) -> str:
+    """The libraries' variant file name: ``model.safetensors`` -> ``model.fp16.safetensors``,
+    ``model.safetensors.index.json`` -> ``model.safetensors.index.fp16.json`` (diffusers and
+    transformers both insert the variant before the last suffix)."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """The weights `from_pretrained` will read in one component folder."""
+
+    folder: str
+    name: str  # the file, or the index of sharded weights
+    variant: str | None  # pass as from_pretrained(variant=...)
+    safetensors: bool  # False: a pickle checkpoint, read with weights_only=True
+
+
+
+# The variant in a file name: "model.safetensors.index.fp16.json", "diffusion_pytorch_model.fp16.safetensors",
+# "model.fp16-00001-of-00003.safetensors" -> "fp16" (for the error message's hint only).
+_VARIANT_RE = re.compile(r"\.(?:safetensors|bin)\.index\.([\w-]+)\.json$"
+                         r"|\.([\w-]+?)(?:-\d{5}-of-\d{5})?\.(?:safetensors|bin)$")
+
+
+def find_weights(folder: str, variant: str | None, names: tuple[str, ...],
+                 pickle_names: tuple[str, ...] = (), component: str = "") -> WeightFiles:
+    """The weight files of `folder`: the `variant` ones if present, the plain names otherwise;
+    safetensors before pickle (`pickle_names`, only where a loader allows them).
+
+    Raises FileNotFoundError naming the folder, what was looked for, what is there, and the
+    ``model.variant`` that would match when only other variants are present.
+    """
+    variants = [variant, None] if variant else [None]
+    candidates = [(n, v, True) for v in variants for n in names]
+    candidates += [(n, v, False) for v in variants for n in pickle_names]
+    for name, v, safe in candidates:
+        path = add_variant(name, v)
+        if os.path.isfile(os.path.join(folder, path)):
+            return WeightFiles(folder, path, v, safe)
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    found = sorted({m.group(1) or m.group(2) for f in present if (m := _VARIANT_RE.search(f))})
+    hint = f"; it holds variant(s) {found}: set model.variant={found[0]}" if found else ""
+    raise FileNotFoundError(
+        f"{component or 'weights'}: no weight file in {folder!r}: looked for "
+        f"{[add_variant(n, v) for n, v, _ in candidates]}, found {present}{hint}"
+    )
+
+
+def _log_weights(component: str, wf: WeightFiles, dtype: torch.dtype) -> None:
+    how = "" if wf.safetensors else "a pickle read with weights_only=True, "
+    log.info("%s: %s (in %s, %sloaded as %s)", component, wf.name, wf.folder, how, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
 # loading from a diffusers-format directory (tiny and kolors share this)
 # ------------------------------------------------------------------------------------------------
-def check_kolors_dir(path: str) -> None:
-    """Raise FileNotFoundError naming whatever a Kolors-diffusers directory lacks."""
+def check_kolors_dir(path: str, variant: str | None = None) -> dict[str, WeightFiles]:
+    """Raise FileNotFoundError naming whatever a Kolors-diffusers directory lacks; returns the
+    weight files of unet / vae / text_encoder (`variant` files where present, plain names otherwise)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Kolors pretrained_path {path!r} is not a directory")
     missing = [s for s in KOLORS_SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
@@ -247,43 +328,68 @@ def check_kolors_dir(path: str) -> None:
         )
     if not os.path.isfile(os.path.join(path, "tokenizer", "tokenizer.model")):
         raise FileNotFoundError(f"{path}/tokenizer/tokenizer.model (SentencePiece model) is missing")
+    return {
+        "unet": find_weights(os.path.join(path, "unet"), variant, DIFFUSERS_WEIGHTS, component="unet"),
+        "vae": find_weights(os.path.join(path, "vae"), variant, DIFFUSERS_WEIGHTS, component="vae"),
+        "text_encoder": find_weights(os.path.join(path, "text_encoder"), variant, TRANSFORMERS_WEIGHTS,
+                                     component="text_encoder"),
+    }
 
 
-def check_vision_dir(path: str) -> None:
+def check_vision_dir(path: str, variant: str | None = None) -> WeightFiles:
+    """Raise FileNotFoundError naming whatever a CLIP vision directory lacks; returns its weight files
+    (safetensors first; a ``pytorch_model.bin`` as Kolors-IP-Adapter-Plus/image_encoder ships it otherwise)."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"CLIP vision_path {path!r} is not a directory")
     for f in ("config.json", "preprocessor_config.json"):
         if not os.path.isfile(os.path.join(path, f)):
             raise FileNotFoundError(f"CLIP vision directory {path!r} is missing {f}")
+    return find_weights(path, variant, TRANSFORMERS_WEIGHTS, TRANSFORMERS_PICKLE_WEIGHTS, component="vision")
 
 
-def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype) -> KolorsStack:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+def _load_diffusers(cls, wf: WeightFiles, component: str, dtype: torch.dtype):
+    _log_weights(component, wf, dtype)
+    return cls.from_pretrained(wf.folder, variant=wf.variant, use_safetensors=True, torch_dtype=dtype)
+
+
+def _load_transformers(cls, wf: WeightFiles, component: str, dtype: torch.dtype):
+    _log_weights(component, wf, dtype)
+    # weights_only=True is transformers' default; spelled out because a .bin is a pickle.
+    return cls.from_pretrained(wf.folder, variant=wf.variant, use_safetensors=wf.safetensors,
+                               weights_only=True, dtype=dtype)
+
+
+def _load_vision(wf: WeightFiles, device, dtype: torch.dtype):
+    """The frozen CLIP vision tower (+ projection) and its image processor, from one folder."""
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-    check_kolors_dir(path)
-    check_vision_dir(vision_path)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", use_safetensors=True, torch_dtype=_vae_dtype(dtype)
-    )
-    text_encoder = ChatGLMModel.from_pretrained(
-        os.path.join(path, "text_encoder"), use_safetensors=True, dtype=dtype
-    )
+    vision = _load_transformers(CLIPVisionModelWithProjection, wf, "vision", dtype)
+    return _freeze(vision, device, dtype), CLIPImageProcessor.from_pretrained(wf.folder)
+
+
+def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
+                   variant: str | None = None) -> KolorsStack:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+
+    weights = check_kolors_dir(path, variant)
+    vision_weights = check_vision_dir(vision_path, variant)
+    # from_pretrained casts the (fp16, as published) files to the run dtype while loading.
+    unet = _load_diffusers(UNet2DConditionModel, weights["unet"], "unet", dtype)
+    vae = _load_diffusers(AutoencoderKL, weights["vae"], "vae", _vae_dtype(dtype))
+    text_encoder = _load_transformers(ChatGLMModel, weights["text_encoder"], "text_encoder", dtype)
     tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
     # Training uses DDPM's add_noise with Kolors' betas (1100 steps, scaled_linear); sampling code builds
     # its own Euler scheduler from the same folder.
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
-    vision = CLIPVisionModelWithProjection.from_pretrained(vision_path, use_safetensors=True, dtype=dtype)
-    image_processor = CLIPImageProcessor.from_pretrained(vision_path)
+    vision, image_processor = _load_vision(vision_weights, device, dtype)
     return KolorsStack(
         unet=_freeze(unet, device, dtype),
         vae=_freeze(vae, device, _vae_dtype(dtype)),
         text_encoder=_freeze(text_encoder, device, dtype),
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler,
-        vision=_freeze(vision, device, dtype),
+        vision=vision,
         image_processor=image_processor,
         path=path,
     )
@@ -370,13 +476,13 @@ def resolve_stack_paths(model_cfg, build: bool = True) -> tuple[str, str]:
 
 def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
     """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
-    cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+    variant, cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
     name = _cfg_get(model_cfg, "name", "tiny")
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     if name == "kolors_random":
         return _load_random(device, dtype, _cfg_get(model_cfg, "cache_dir"))
     if name in ("tiny", "kolors"):
-        return _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype)
+        return _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype, _cfg_get(model_cfg, "variant"))
     raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
 
 
@@ -385,18 +491,15 @@ def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     loaded, cast and frozen exactly as :func:`load_stack` does: what the encoder cache
     (``python -m gill.cache``) runs, without the UNet and ChatGLM. Returns ``(vae, vision, processor)``."""
     from diffusers import AutoencoderKL
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    variant = _cfg_get(model_cfg, "variant")
     path, vision_path = resolve_stack_paths(model_cfg)
-    check_kolors_dir(path)
-    check_vision_dir(vision_path)
-    vae = AutoencoderKL.from_pretrained(
-        path, subfolder="vae", use_safetensors=True, torch_dtype=_vae_dtype(dtype)
-    )
-    vision = CLIPVisionModelWithProjection.from_pretrained(vision_path, use_safetensors=True, dtype=dtype)
-    return (_freeze(vae, device, _vae_dtype(dtype)), _freeze(vision, device, dtype),
-            CLIPImageProcessor.from_pretrained(vision_path))
+    weights = check_kolors_dir(path, variant)
+    vision_weights = check_vision_dir(vision_path, variant)
+    vae = _load_diffusers(AutoencoderKL, weights["vae"], "vae", _vae_dtype(dtype))
+    vision, processor = _load_vision(vision_weights, device, dtype)
+    return _freeze(vae, device, _vae_dtype(dtype)), vision, processor
 
 
 def stack_parameter_rows(stack_or_modules) -> list[tuple[str, int]]:

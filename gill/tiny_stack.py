@@ -13,6 +13,13 @@ production loading code in `gill.stack` is exercised unchanged by tests and CPU 
       image_encoder/            # CLIPVisionModelWithProjection + preprocessor_config.json
                                 # (Kolors-IP-Adapter ships its CLIP tower in the same place)
 
+``layout="published"`` writes the same models the way `Kwai-Kolors/Kolors-diffusers` publishes its files
+(DESIGN §3), so tests take the path a user's download takes: fp16 weights under the fp16 *variant* names
+(``unet/diffusion_pytorch_model.fp16.safetensors``, ``vae/...fp16.safetensors``), the text encoder in exactly
+three shards ``model.fp16-0000k-of-00003.safetensors`` with ``model.safetensors.index.fp16.json``, and the
+vision tower as ``image_encoder/pytorch_model.bin`` (as Kolors-IP-Adapter-Plus ships it). The default
+``layout="plain"`` keeps fp32 weights under the plain names.
+
 Everything is seeded: two builds produce identical weights and an identical tokenizer.
 Bump `TINY_VERSION` whenever the output changes so a stale cache (`~/.cache/gill/tiny-<version>`)
 is never reused.
@@ -124,6 +131,10 @@ KOLORS_MODEL_INDEX = {
 
 SEED = 1234
 
+LAYOUTS = ("plain", "published")
+PUBLISHED_VARIANT = "fp16"
+PUBLISHED_TEXT_ENCODER_SHARDS = 3  # Kolors-diffusers: model.fp16-0000{1,2,3}-of-00003.safetensors
+
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer corpus + SentencePiece training
@@ -233,6 +244,56 @@ def _rerandomize_zero_weights_(model: torch.nn.Module, generator: torch.Generato
 
 
 # --------------------------------------------------------------------------------------------
+# Writers of the published layout
+# --------------------------------------------------------------------------------------------
+def save_sharded_variant(model, folder: str, variant: str = PUBLISHED_VARIANT,
+                         num_shards: int = PUBLISHED_TEXT_ENCODER_SHARDS) -> list[str]:
+    """``model.save_pretrained(folder, variant=...)`` split into exactly `num_shards` files named and
+    indexed as transformers names them (``model.<variant>-0000k-of-0000n.safetensors`` +
+    ``model.safetensors.index.<variant>.json``). transformers only shards by byte size, so the file it
+    writes is re-split here into contiguous, about equal parts; the tensors and keys are its own."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model.save_pretrained(folder, variant=variant)
+    single = os.path.join(folder, f"model.{variant}.safetensors")
+    with safe_open(single, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata() or {"format": "pt"}
+    os.remove(single)
+    # Keep the model's own parameter order (embedding first, output layer last), as real shards do.
+    order = [k for k in model.state_dict() if k in tensors] + sorted(set(tensors) - set(model.state_dict()))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    shards: list[list[str]] = [[]]
+    done = 0
+    for k in order:
+        if shards[-1] and done >= total * len(shards) / num_shards and len(shards) < num_shards:
+            shards.append([])
+        shards[-1].append(k)
+        done += tensors[k].numel() * tensors[k].element_size()
+    if len(shards) != num_shards:
+        raise ValueError(f"cannot split {len(order)} tensors into {num_shards} shards")
+    names = [f"model.{variant}-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+    weight_map = {}
+    for name, keys in zip(names, shards):
+        save_file({k: tensors[k].contiguous() for k in keys}, os.path.join(folder, name), metadata=metadata)
+        weight_map.update({k: name for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(folder, f"model.safetensors.index.{variant}.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return names
+
+
+def save_pickle_checkpoint(model, folder: str) -> str:
+    """``config.json`` + ``pytorch_model.bin`` (a torch.save'd state dict, tensors only), the format of
+    checkpoints published before safetensors. transformers 5 no longer writes it, so it is written here."""
+    model.config.save_pretrained(folder)
+    path = os.path.join(folder, "pytorch_model.bin")
+    torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
 # Builder
 # --------------------------------------------------------------------------------------------
 def build_tiny_chatglm(padded_vocab_size: int, seed: int = SEED):
@@ -247,14 +308,26 @@ def build_tiny_chatglm(padded_vocab_size: int, seed: int = SEED):
     return model.eval()
 
 
-def build_tiny_stack(out_dir: str, seed: int = SEED) -> str:
+def build_tiny_stack(out_dir: str, seed: int = SEED, layout: str = "plain") -> str:
     """Write the complete tiny Kolors-diffusers directory to `out_dir` (created); returns it.
 
-    Not atomic by itself: `gill.stack` builds into a temp dir and renames it into the cache.
+    `layout`: "plain" (fp32, plain file names) or "published" (the Kolors-diffusers file layout, see the
+    module docstring). Both hold the same seeded models. Not atomic by itself: `gill.stack` builds into a
+    temp dir and renames it into the cache.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers.pipelines.kolors.tokenizer import ChatGLMTokenizer
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    published = layout == "published"
+
+    def save_diffusers(model, sub: str) -> None:
+        if published:
+            model.to(torch.float16).save_pretrained(os.path.join(out_dir, sub), variant=PUBLISHED_VARIANT)
+        else:
+            model.save_pretrained(os.path.join(out_dir, sub), safe_serialization=True)
 
     os.makedirs(out_dir, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -273,19 +346,23 @@ def build_tiny_stack(out_dir: str, seed: int = SEED) -> str:
 
     # text_encoder/ ---------------------------------------------------------------------------
     text_encoder = build_tiny_chatglm(padded_vocab, seed=seed)
-    text_encoder.save_pretrained(os.path.join(out_dir, "text_encoder"), safe_serialization=True)
+    if published:
+        text_encoder.config.dtype = torch.float16
+        save_sharded_variant(text_encoder.to(torch.float16), os.path.join(out_dir, "text_encoder"))
+    else:
+        text_encoder.save_pretrained(os.path.join(out_dir, "text_encoder"), safe_serialization=True)
 
     # unet/ -----------------------------------------------------------------------------------
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     _rerandomize_zero_weights_(unet, gen)
-    unet.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
+    save_diffusers(unet, "unet")
 
     # vae/ ------------------------------------------------------------------------------------
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(**TINY_VAE_CONFIG)
     _rerandomize_zero_weights_(vae, gen)
-    vae.save_pretrained(os.path.join(out_dir, "vae"), safe_serialization=True)
+    save_diffusers(vae, "vae")
 
     # scheduler/ ------------------------------------------------------------------------------
     EulerDiscreteScheduler(**KOLORS_SCHEDULER_CONFIG).save_pretrained(os.path.join(out_dir, "scheduler"))
@@ -294,7 +371,11 @@ def build_tiny_stack(out_dir: str, seed: int = SEED) -> str:
     torch.manual_seed(seed + 3)
     vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY_CLIP_VISION_CONFIG))
     enc_dir = os.path.join(out_dir, "image_encoder")
-    vision.save_pretrained(enc_dir, safe_serialization=True)
+    if published:
+        vision.config.dtype = torch.float16
+        save_pickle_checkpoint(vision.to(torch.float16), enc_dir)
+    else:
+        vision.save_pretrained(enc_dir, safe_serialization=True)
     CLIPImageProcessor(
         size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
         crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
@@ -304,13 +385,17 @@ def build_tiny_stack(out_dir: str, seed: int = SEED) -> str:
     with open(os.path.join(out_dir, "model_index.json"), "w") as f:
         json.dump(KOLORS_MODEL_INDEX, f, indent=2)
     with open(os.path.join(out_dir, "TINY_VERSION"), "w") as f:
-        f.write(TINY_VERSION + "\n")
+        f.write(TINY_VERSION + ("" if layout == "plain" else f" {layout}") + "\n")
     return out_dir
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
     import time
 
+    ap = argparse.ArgumentParser(description="Write the tiny Kolors-diffusers directory.")
+    ap.add_argument("out_dir", nargs="?", default="/tmp/gill-tiny")
+    ap.add_argument("--layout", choices=LAYOUTS, default="plain")
+    args = ap.parse_args()
     t0 = time.time()
-    print(build_tiny_stack(sys.argv[1] if len(sys.argv) > 1 else "/tmp/gill-tiny"), f"{time.time() - t0:.1f}s")
+    print(build_tiny_stack(args.out_dir, layout=args.layout), f"{time.time() - t0:.1f}s")

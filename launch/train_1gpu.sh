@@ -4,5 +4,5 @@
 #       data=layout data.path=data/layout.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec deepspeed --num_gpus=1 train_ds.py model=kolors train.resolution=1024 train.micro_batch_size=1 \
+exec deepspeed --num_gpus=1 train_ds.py model=kolors train.micro_batch_size=1 \
     train.max_steps=10000 train.save_every=500 train.val_every=500 "$@"

@@ -6,5 +6,5 @@
 # train.micro_batch_size=2 there, since retrieval's negatives need two samples per step across ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec deepspeed --num_gpus="${NUM_GPUS:-3}" train_ds.py model=kolors deepspeed=zero2_offload train.resolution=1024 \
+exec deepspeed --num_gpus="${NUM_GPUS:-3}" train_ds.py model=kolors deepspeed=zero2_offload \
     train.micro_batch_size=1 train.grad_accum=4 train.max_steps=10000 train.save_every=500 train.val_every=500 "$@"

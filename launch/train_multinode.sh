@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 hostfile=${1:?usage: train_multinode.sh HOSTFILE key=value ...}
 shift
 exec deepspeed --hostfile="$hostfile" --master_port="${MASTER_PORT:-29500}" train_ds.py model=kolors \
-    train.resolution=1024 train.micro_batch_size=1 "$@"
+    train.micro_batch_size=1 "$@"

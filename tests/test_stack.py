@@ -1,4 +1,5 @@
 """The frozen stack: tiny round trip through from_pretrained, kolors_random sizes, clear errors."""
+import logging
 import os
 import shutil
 
@@ -169,3 +170,34 @@ def test_kolors_loads_tiny_dir_like_real(tiny_stack_dir):
                         "vision_path": os.path.join(tiny_stack_dir, "image_encoder"), "dtype": "bf16"})
     assert stack.unet.dtype == torch.bfloat16 and stack.text_encoder.dtype == torch.bfloat16
     assert stack.path == tiny_stack_dir
+
+
+def test_plain_named_dir_loads_with_the_fp16_variant_requested(tiny_stack_dir, tiny_stack, caplog):
+    # model=kolors asks for fp16 files; a directory with plain names (e.g. saved by save_pretrained) loads as is.
+    cfg = {"name": "kolors", "pretrained_path": tiny_stack_dir, "variant": "fp16", "dtype": "fp32",
+           "vision_path": os.path.join(tiny_stack_dir, "image_encoder")}
+    with caplog.at_level(logging.INFO, logger="gill.stack"):
+        stack = load_stack(cfg)
+    for line in ("unet: diffusion_pytorch_model.safetensors", "vae: diffusion_pytorch_model.safetensors",
+                 "text_encoder: model.safetensors", "vision: model.safetensors"):
+        assert line + " (" in caplog.text, line
+    for name, module in stack.modules().items():
+        ref = dict(tiny_stack.modules()[name].named_parameters())
+        assert all(torch.equal(p, ref[k]) for k, p in module.named_parameters()), name
+
+
+def test_dir_without_weight_files_is_clear(tiny_stack_dir, tmp_path):
+    broken = tmp_path / "kolors"
+    shutil.copytree(tiny_stack_dir, broken)
+    cfg = {"name": "kolors", "pretrained_path": str(broken), "vision_path": str(broken / "image_encoder"),
+           "variant": "fp16"}
+    (broken / "text_encoder" / "model.safetensors").rename(broken / "text_encoder" / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"text_encoder: no weight file in .*text_encoder'.*looked for "
+                                                r"\['model.fp16.safetensors', 'model.safetensors.index.fp16.json', "
+                                                r"'model.safetensors', 'model.safetensors.index.json'\], found "
+                                                r"\['config.json', .*'weights.safetensors'\]$"):
+        load_stack(cfg)
+    (broken / "text_encoder" / "weights.safetensors").rename(broken / "text_encoder" / "model.safetensors")
+    (broken / "image_encoder" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"vision: no weight file .*'pytorch_model.bin'"):
+        load_stack(cfg)

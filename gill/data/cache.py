@@ -70,7 +70,9 @@ def _weights(folder: str | Path) -> list:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return [[p.name, *_stat(p)] for p in sorted(folder.glob("*.safetensors"))]
+    # .bin too: a vision tower may ship only pytorch_model.bin (read with weights_only=True)
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")]
+    return [[p.name, *_stat(p)] for p in sorted(files)]
 
 
 def describe_model(model_cfg) -> dict:
