@@ -107,13 +107,17 @@ def img_token_forward(model, captions: list[str], lm_loss: bool = False):
     predicted). This is what teaches the LM to emit ``[IMG0]`` where a caption ends, and, through
     the [IMG] logits in every caption position's softmax, not before. ``lm`` is ``None`` otherwise.
     """
+    return img_token_forward_ids(model, [_caption_ids(model, c) for c in captions], lm_loss)
+
+
+def img_token_forward_ids(model, texts: list[list[int]], lm_loss: bool = False):
+    """:func:`img_token_forward` on token ids (without the ``[gMASK] sop`` prefix, which is added)."""
     r = model.adapter.num_img
     seqs, labels = [], []
-    for caption in captions:
-        ids = _caption_ids(model, caption)
+    for ids in texts:
         seqs.append(_prefix(model) + ids + [SLOT] * r)
         labels.append([IGNORE] * len(_prefix(model)) + ids + [img_token_id(model, 0)] + [IGNORE] * (r - 1))
-    img = model.adapter.img_embeds()[None].expand(len(captions), -1, -1)
+    img = model.adapter.img_embeds()[None].expand(len(texts), -1, -1)
     embeds, mask, labels = assemble_inputs(model, seqs, img, labels if lm_loss else None)
     hidden, _ = run_chatglm(model.text_encoder, embeds, mask)
     lm = None
@@ -122,7 +126,7 @@ def img_token_forward(model, captions: list[str], lm_loss: bool = False):
         first_img = targets == img_token_id(model, 0)
         # share of captions whose end predicts [IMG0] (argmax); one such target per caption, and no
         # boolean indexing (it would stall the GPU to learn the size)
-        emitted = ((logits.argmax(-1) == targets) & first_img).float().sum() / len(captions)
+        emitted = ((logits.argmax(-1) == targets) & first_img).float().sum() / len(texts)
         lm = {"lm_loss": loss, "img_emit_acc": emitted.detach()}
     return hidden[:, -r:], lm  # left padding: the [IMG] tokens are the last r positions
 

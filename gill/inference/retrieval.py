@@ -120,11 +120,15 @@ class RetrievalIndex:
     def query_text(self, model, texts: str | Sequence[str], k: int = 5):
         """Top-``k`` ``(path, cosine)`` per text; a single string gives a single list."""
         single = isinstance(texts, str)
-        q = embed_texts(model, [texts] if single else texts).cpu()
+        hits = self.query_embeddings(embed_texts(model, [texts] if single else texts), k)
+        return hits[0] if single else hits
+
+    def query_embeddings(self, q: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(path, cosine)`` for each normalized query embedding ``[B, d]``."""
+        q = q.float().cpu()
         if q.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"index has dim {self.embeddings.shape[1]} but the model embeds to {q.shape[1]}: another adapter?")
-        hits = _top_k(q @ self.embeddings.T, self.paths, k)
-        return hits[0] if single else hits
+        return _top_k(q @ self.embeddings.T, self.paths, k)
 
     @staticmethod
     def query_image(model, image: Image.Image, captions: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
