@@ -1,6 +1,8 @@
 """What makes the adapter GILL: [IMG] output rows and the LM loss that teaches the LM to emit [IMG0],
 first-position retrieval embeddings, the mapper reading hidden states + [IMG] embeddings, [IMG] input
 rows at the vocabulary's mean norm, and inference in which the model decides when to show an image."""
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -156,7 +158,7 @@ def test_flattened_adapter_keeps_the_new_rows(tiny_stack_dir, batch):
     assert grads["img_output"].abs().sum() > 0
 
 
-def test_lm_learns_to_emit_img_at_caption_end_and_inference_acts_on_it(tiny_stack_dir, batch, tmp_path):
+def test_lm_learns_to_emit_img_at_caption_end_and_inference_acts_on_it(tiny_stack_dir, batch, tmp_path, capsys):
     """A short training on one fixed batch: [IMG0] becomes the greedy next token at the end of its
     captions and stays rare inside them; the exported artifact loads with the rows, and the
     continuation verb retrieves when (and only when) the model emits [IMG0]."""
@@ -194,6 +196,18 @@ def test_lm_learns_to_emit_img_at_caption_end_and_inference_acts_on_it(tiny_stac
     # with [IMG0] forbidden for the first tokens, the model writes text and nothing is retrieved
     res = generate_for_text(loaded, ended[0], max_new_tokens=3, min_word_tokens=3, index=index)
     assert not res.wants_image and res.hits == [] and len(res.ids) == len(ids(ended[0])) + 3
+
+    # the CLI verb: one JSON line per prompt
+    from gill.inference.__main__ import main
+
+    index.save(tmp_path / "index")
+    capsys.readouterr()
+    argv = ["chat", "--adapter", str(path), "--set", f"pretrained_path={tiny_stack_dir}", "--device", "cpu",
+            "--dtype", "fp32", "--index", str(tmp_path / "index"), "--max-new-tokens", "4", ended[0]]
+    assert main(argv) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    rec = json.loads(line)
+    assert rec["prompt"] == ended[0] and rec["image"] is True and rec["hits"][0][0] in ("a", "b", "c")
 
 
 STEPS = 150
