@@ -5,11 +5,11 @@ Trains the adapter on the tiny stack (CPU, plain AdamW on every trainable, the m
 and prints, for each run, how often ``[IMG0]`` is the greedy next token at the end of a held-out
 caption and inside one (:func:`gill.inference.interleaved.img_emission`), plus the held-out
 retrieval recall@1 (text -> image among the held-out set) and, when generation trains, the
-held-out mapper loss. Each ``--run`` is ``NAME:MODES:STEPS[:key=value,...]`` with model-config
+held-out mapper loss. AdamW with cosine decay from ``--lr``. Each ``--run`` is ``NAME:MODES:STEPS[:key=value,...]`` with model-config
 overrides, so GILL's choices and their alternatives can be compared on the same data:
 
-    python benchmarks/img_token_emission.py --run gill:retrieval+generation:300 \\
-        --run mean_ret:retrieval:150:adapter.retrieval_embedding=mean --run gill_ret:retrieval:150
+    python benchmarks/img_token_emission.py --lr 0.1 --run gill:retrieval:1500 \\
+        --run ret_mean:retrieval:1500:adapter.retrieval_embedding=mean
 """
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def with_features(model, items: list[dict]) -> dict:
 def train(model, data: list[dict], modes: list[str], steps: int, lr: float) -> None:
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # cosine decay: at a constant high rate the [IMG0] boundary kept oscillating (see docs/gill_fidelity.md)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     model.train()
     for step in range(steps):
         batch = data[step % len(data)]
@@ -64,6 +66,7 @@ def train(model, data: list[dict], modes: list[str], steps: int, lr: float) -> N
             (model(batch, mode)["loss"] / len(modes)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        schedule.step()
     model.eval()
 
 
