@@ -193,6 +193,8 @@ def test_lm_learns_to_emit_img_at_caption_end_and_inference_acts_on_it(tiny_stac
     res = generate_for_text(loaded, ended[0], max_new_tokens=4, index=index, k=2)
     q = torch.nn.functional.normalize(loaded.adapter.text_embedding(modes.img_token_hidden(loaded, [ended[0]])), dim=-1)
     assert res.wants_image and res.hits == index.query_embeddings(q, 2)[0]
+    gen = generate_for_text(loaded, ended[0], max_new_tokens=4, generate=True, steps=2, seed=0)
+    assert gen.wants_image and len(gen.images) == 1 and gen.images[0].info["seed"] == 0
     # with [IMG0] forbidden for the first tokens, the model writes text and nothing is retrieved
     res = generate_for_text(loaded, ended[0], max_new_tokens=3, min_word_tokens=3, index=index)
     assert not res.wants_image and res.hits == [] and len(res.ids) == len(ids(ended[0])) + 3
