@@ -5,8 +5,9 @@ Trains the adapter on the tiny stack (CPU, plain AdamW on every trainable, the m
 and prints, for each run, how often ``[IMG0]`` is the greedy next token at the end of a held-out
 caption and inside one (:func:`gill.inference.interleaved.img_emission`), plus the held-out
 retrieval recall@1 (text -> image among the held-out set) and, when generation trains, the
-held-out mapper loss. AdamW with cosine decay from ``--lr``. Each ``--run`` is ``NAME:MODES:STEPS[:key=value,...]`` with model-config
-overrides, so GILL's choices and their alternatives can be compared on the same data:
+held-out mapper loss. AdamW at ``--lr`` (``--schedule cosine``: decayed to 0). Each ``--run``
+is ``NAME:MODES:STEPS[:key=value,...]`` with model-config overrides, so GILL's choices and their
+alternatives can be compared on the same data:
 
     python benchmarks/img_token_emission.py --lr 0.1 --run gill:retrieval:1500 \\
         --run ret_mean:retrieval:1500:adapter.retrieval_embedding=mean
@@ -53,11 +54,13 @@ def with_features(model, items: list[dict]) -> dict:
     return batch
 
 
-def train(model, data: list[dict], modes: list[str], steps: int, lr: float) -> None:
+def train(model, data: list[dict], modes: list[str], steps: int, lr: float, schedule: str = "constant") -> None:
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    # cosine decay: at a constant high rate the [IMG0] boundary kept oscillating (see docs/gill_fidelity.md)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     model.train()
     for step in range(steps):
         batch = data[step % len(data)]
@@ -66,7 +69,7 @@ def train(model, data: list[dict], modes: list[str], steps: int, lr: float) -> N
             (model(batch, mode)["loss"] / len(modes)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        schedule.step()
+        sched.step()
     model.eval()
 
 
@@ -100,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="constant", choices=("constant", "cosine"), help="learning-rate schedule")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
         evals = [with_features(model, [eval_ds[i] for i in range(s, min(s + bs, len(eval_ds)))]) for s in range(0, len(eval_ds), bs)]
         before = img_emission(model, [c for b in evals for c in b["captions"]])
         t0 = time.time()
-        train(model, data, modes, steps, args.lr)
+        train(model, data, modes, steps, args.lr, args.schedule)
         res = held_out(model, evals, modes)
         rows.append((name, "+".join(modes), steps, overrides, before, res, time.time() - t0))
         print(f"# {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
