@@ -41,6 +41,12 @@ def clip_image_embeds(vision, image_processor, images) -> torch.Tensor:
     return vision(pixel_values=pixels.to(vision.device, vision.dtype)).image_embeds
 
 
+@torch.no_grad()
+def vocab_mean_norm(text_encoder) -> float:
+    """Mean L2 norm of the frozen input-embedding rows (GILL rescales its ``[IMG]`` rows to it)."""
+    return text_encoder.embedding.word_embeddings.weight.float().norm(dim=-1).mean().item()
+
+
 class PhraseCache:
     """ChatGLM pooled vectors of object labels, cached by label string (bounded LRU).
 
@@ -101,7 +107,10 @@ class GillModel(nn.Module):
             vision_dim=self.vision.config.projection_dim,
             prompt_len=cfg.prompt_max_length,
             unet=self.unet,
+            vocab_norm=vocab_mean_norm(self.text_encoder),
         )
+        # GILL weights its caption + [IMG0] cross-entropy by 0.5 in retrieval and generation
+        self.lm_loss_weight = float(cfg.adapter.get("lm_loss_weight", 0.5))
         self.adapter.spatial.attach(self.unet)
         self.phrases = PhraseCache(cfg.phrase_cache_size)
         self._empty_prompt = None

@@ -6,6 +6,9 @@
 * ``generation``  — GILL mapper regression to ChatGLM's caption encoding + the diffusion noise
   loss through the frozen UNet with the spatial adapter.
 
+Retrieval and generation also carry GILL's next-token CE on "caption, then ``[IMG0]``" (weight
+``model.adapter.lm_loss_weight``, GILL: 0.5), which teaches the LM to emit ``[IMG]`` by itself.
+
 Each mode builds its own graph so the trainer can run forward -> backward -> free per mode.
 """
 from __future__ import annotations
@@ -51,6 +54,31 @@ def _caption_ids(model, caption: str) -> list[int]:
     return model.tokenizer.encode(caption, add_special_tokens=False)[: model.caption_max_tokens]
 
 
+def full_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM's next-token logits over the frozen vocabulary and then ``[IMG0..r-1]``: ``[..., V + r]``.
+    Token id ``V + i`` means ``[IMGi]`` (:func:`img_token_id`)."""
+    return torch.cat((lm_logits(model.text_encoder, hidden), model.adapter.img_logits(hidden)), dim=-1)
+
+
+def img_token_id(model, i: int = 0) -> int:
+    """The id of ``[IMGi]`` in :func:`full_logits`' last axis (after the ``V`` vocabulary rows)."""
+    return model.text_encoder.output_layer.out_features + i
+
+
+def next_token_loss(model, hidden: torch.Tensor, labels: torch.Tensor):
+    """Next-token CE where ``labels`` (host, ``[B, S]``) has a target: ``hidden[t]`` predicts
+    ``labels[t + 1]``. Returns ``(loss, logits [N, V + r], targets [N])``.
+
+    The logits are computed only at labelled positions: at Kolors scale a full ``[B, S, 65k]``
+    would cost far more than the rest of the mode. The positions are found on the host (a boolean
+    mask on the GPU would stall it to learn the size).
+    """
+    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
+    targets = model.upload(labels[:, 1:][rows, cols])
+    logits = full_logits(model, hidden[:, :-1][model.upload(rows), model.upload(cols)]).float()
+    return F.cross_entropy(logits, targets), logits, targets
+
+
 def captioning(model, batch: dict) -> dict:
     feats = model.vision_features(batch)
     prefix = model.adapter.prefix_embeds(feats)
@@ -63,24 +91,54 @@ def captioning(model, batch: dict) -> dict:
         labels.append([IGNORE] * len(head) + text)
     embeds, mask, labels = assemble_inputs(model, seqs, prefix, labels)
     hidden, _ = run_chatglm(model.text_encoder, embeds, mask)
-    # hidden[t] predicts token t+1: run the vocabulary head only where there is a target. The
-    # positions are found on the host (a boolean mask on the GPU would stall it to learn the size).
-    rows, cols = (labels[:, 1:] != IGNORE).nonzero(as_tuple=True)
-    targets = model.upload(labels[:, 1:][rows, cols])
-    logits = lm_logits(model.text_encoder, hidden[:, :-1][model.upload(rows), model.upload(cols)]).float()
-    loss = F.cross_entropy(logits, targets)
+    # The softmax includes the [IMG] rows (as in GILL, whose vocabulary holds them), but no [IMG]
+    # target: a caption of an image is text.
+    loss, logits, targets = next_token_loss(model, hidden, labels)
     acc = (logits.argmax(-1) == targets).float().mean()
     return {"loss": loss, "token_acc": acc.detach()}
 
 
+def img_token_forward(model, captions: list[str], lm_loss: bool = False):
+    """Caption + ``[IMG0..r-1]`` through ChatGLM.
+
+    Returns ``(hidden [B, r, H] at the [IMG] positions, lm)``. With ``lm_loss``, ``lm`` is GILL's
+    next-token CE of this sequence: targets on the caption tokens and on ``[IMG0]`` after the
+    caption; ``[IMG1..r-1]`` carry none (GILL masks them: at inference they are appended, not
+    predicted). This is what teaches the LM to emit ``[IMG0]`` where a caption ends, and, through
+    the [IMG] logits in every caption position's softmax, not before. ``lm`` is ``None`` otherwise.
+    """
+    return img_token_forward_ids(model, [_caption_ids(model, c) for c in captions], lm_loss)
+
+
+def img_token_forward_ids(model, texts: list[list[int]], lm_loss: bool = False):
+    """:func:`img_token_forward` on token ids (without the ``[gMASK] sop`` prefix, which is added)."""
+    r = model.adapter.num_img
+    seqs, labels = [], []
+    for ids in texts:
+        seqs.append(_prefix(model) + ids + [SLOT] * r)
+        labels.append([IGNORE] * len(_prefix(model)) + ids + [img_token_id(model, 0)] + [IGNORE] * (r - 1))
+    img = model.adapter.img_embeds()[None].expand(len(texts), -1, -1)
+    embeds, mask, labels = assemble_inputs(model, seqs, img, labels if lm_loss else None)
+    hidden, _ = run_chatglm(model.text_encoder, embeds, mask)
+    lm = None
+    if lm_loss:
+        loss, logits, targets = next_token_loss(model, hidden, labels)
+        first_img = targets == img_token_id(model, 0)
+        # share of captions whose end predicts [IMG0] (argmax); one such target per caption, and no
+        # boolean indexing (it would stall the GPU to learn the size)
+        emitted = ((logits.argmax(-1) == targets) & first_img).float().sum() / len(texts)
+        lm = {"lm_loss": loss, "img_emit_acc": emitted.detach()}
+    return hidden[:, -r:], lm  # left padding: the [IMG] tokens are the last r positions
+
+
 def img_token_hidden(model, captions: list[str]) -> torch.Tensor:
     """ChatGLM's final hidden states at the ``r`` ``[IMG]`` positions after each caption."""
-    r = model.adapter.num_img
-    seqs = [_prefix(model) + _caption_ids(model, c) + [SLOT] * r for c in captions]
-    img = model.adapter.img_tokens[None].expand(len(captions), -1, -1)
-    embeds, mask, _ = assemble_inputs(model, seqs, img)
-    hidden, _ = run_chatglm(model.text_encoder, embeds, mask)
-    return hidden[:, -r:]  # left padding: the [IMG] tokens are the last r positions
+    return img_token_forward(model, captions)[0]
+
+
+def text_embedding(model, captions: list[str]) -> torch.Tensor:
+    """``[B, d]`` retrieval embeddings of captions (unnormalised), as the retrieval mode computes them."""
+    return model.adapter.text_embedding(img_token_hidden(model, captions))
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -97,7 +155,8 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def retrieval(model, batch: dict) -> dict:
     adapter = model.adapter
-    txt = adapter.text_proj(img_token_hidden(model, batch["captions"])).mean(dim=1)
+    img_hidden, lm = img_token_forward(model, batch["captions"], lm_loss=True)
+    txt = adapter.text_embedding(img_hidden)
     img = adapter.image_proj(model.vision_features(batch))
     txt, img = F.normalize(txt.float(), dim=-1), F.normalize(img.float(), dim=-1)
     all_txt, offset = gather_with_grad(txt)
@@ -106,9 +165,17 @@ def retrieval(model, batch: dict) -> dict:
     target = torch.arange(txt.shape[0], device=txt.device) + offset
     logits_i2t = scale * img @ all_txt.T
     logits_t2i = scale * txt @ all_img.T
-    loss = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
+    contrastive = (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target)) / 2
     acc = (logits_i2t.argmax(-1) == target).float().mean()
-    return {"loss": loss, "i2t_acc": acc.detach(), "negatives": torch.tensor(all_txt.shape[0] - 1)}
+    loss = contrastive + model.lm_loss_weight * lm["lm_loss"]
+    return {
+        "loss": loss, "contrastive_loss": contrastive.detach(), "i2t_acc": acc.detach(),
+        "negatives": torch.tensor(all_txt.shape[0] - 1), **_detached(lm),
+    }
+
+
+def _detached(metrics: dict) -> dict:
+    return {k: v.detach() for k, v in metrics.items()}
 
 
 def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -125,7 +192,8 @@ def generation(model, batch: dict) -> dict:
     prompt_embeds, pooled = model.prompt_encoding(captions)
 
     # GILL mapper: regress ChatGLM's own encoding of the caption from the [IMG] hidden states.
-    tokens, pooled_pred = model.adapter.mapper(img_token_hidden(model, captions))
+    img_hidden, lm = img_token_forward(model, captions, lm_loss=True)
+    tokens, pooled_pred = model.adapter.map_to_conditioning(img_hidden)
     mapper_loss = relative_mse(tokens, prompt_embeds) + relative_mse(pooled_pred, pooled)
 
     # Diffusion through the frozen UNet, conditioned on the caption encoding (a dropped caption
@@ -155,5 +223,10 @@ def generation(model, batch: dict) -> dict:
         added_cond_kwargs={"text_embeds": pooled, "time_ids": model.time_ids(batch, latents.shape[-1] * model.vae_scale_factor)},
     ).sample
     diffusion_loss = F.mse_loss(pred.float(), noise.float())
-    loss = model.mapper_loss_weight * mapper_loss + model.diffusion_loss_weight * diffusion_loss
-    return {"loss": loss, "mapper_loss": mapper_loss.detach(), "diffusion_loss": diffusion_loss.detach()}
+    loss = (
+        model.mapper_loss_weight * mapper_loss + model.diffusion_loss_weight * diffusion_loss
+        + model.lm_loss_weight * lm["lm_loss"]
+    )
+    return {
+        "loss": loss, "mapper_loss": mapper_loss.detach(), "diffusion_loss": diffusion_loss.detach(), **_detached(lm),
+    }

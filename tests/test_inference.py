@@ -199,7 +199,7 @@ def test_no_guidance_sets_layout_for_single_batch(model):
     from gill.modes import img_token_hidden
 
     with torch.no_grad():
-        mapped, _ = model.adapter.mapper(img_token_hidden(model, [PROMPT]))
+        mapped, _ = model.adapter.map_to_conditioning(img_token_hidden(model, [PROMPT]))
     assert len(calls) == 2
     for ehs, mask in calls:
         assert ehs.shape[0] == 1 and mask is not None and mask.all()
@@ -270,7 +270,8 @@ def test_retrieval_index_round_trip_and_known_ranking(model, tmp_path):
             # features); the right match then has cosine 1 and every other pair 0.
             d = adapter.image_proj.out_features
             feats = model.vision_features({"images": ims}).float()
-            hid = img_token_hidden(model, texts).mean(dim=1).float()
+            hid = img_token_hidden(model, texts)  # the text side reads the first [IMG] (GILL) or all r
+            hid = (hid[:, 0] if adapter.retrieval_embedding == "first" else hid.mean(dim=1)).float()
             target_img = torch.eye(3, d)
             target_txt = torch.eye(3, d)[perm]
             adapter.image_proj.weight.copy_((torch.linalg.pinv(feats) @ target_img).T)

@@ -105,10 +105,12 @@ def test_encode_prompt_matches_kolors_pipeline(tiny_stack, tiny_stack_dir):
 
 
 # What each mode must (and must not) train. Everything frozen never gets a gradient.
+# img_output: every LM softmax includes the [IMG] rows (GILL's resized vocabulary does); retrieval and
+# generation also carry the [IMG0] target.
 EXPECTED = {
-    "captioning": {"visual_prefix"},
-    "retrieval": {"img_tokens", "text_proj", "image_proj", "logit_scale"},
-    "generation": {"img_tokens", "mapper", "spatial"},
+    "captioning": {"visual_prefix", "img_output"},
+    "retrieval": {"img_tokens", "img_output", "text_proj", "image_proj", "logit_scale"},
+    "generation": {"img_tokens", "img_output", "mapper", "spatial"},
 }
 
 

@@ -1,4 +1,4 @@
-"""CLI: ``python -m gill.inference {generate,caption,retrieve} --adapter PATH ...``.
+"""CLI: ``python -m gill.inference {generate,caption,retrieve,chat} --adapter PATH ...``.
 
 argparse rather than Hydra: inference takes per-call inputs (prompts, boxes, file lists) more than
 configuration, and the model configuration already travels inside ``adapter.safetensors``. Model
@@ -125,6 +125,32 @@ def cmd_retrieve(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from gill.inference.interleaved import generate_for_text
+    from gill.inference.retrieval import RetrievalIndex
+
+    model = _load(args)
+    index = RetrievalIndex.load(args.index) if args.index else None
+    out_dir = Path(args.out)
+    for prompt in args.prompts:
+        res = generate_for_text(
+            model, prompt, max_new_tokens=args.max_new_tokens, min_word_tokens=args.min_word_tokens, index=index,
+            k=args.k, generate=args.generate, steps=args.steps, seed=args.seed,
+        )
+        record = {"prompt": prompt, "text": res.text, "image": res.wants_image}
+        if res.wants_image and index is not None:
+            record["hits"] = res.hits
+        if res.images:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            record["generated"] = []
+            for im in res.images:
+                path = out_dir / f"chat_{len(list(out_dir.glob('chat_*.png'))):03d}_seed{im.info['seed']}.png"
+                im.save(path)
+                record["generated"].append(str(path))
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--adapter", required=True, help="trained adapter.safetensors")
@@ -180,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--captions", nargs="+", required=True)
     ri.add_argument("-k", type=int, default=5)
     r.set_defaults(func=cmd_retrieve)
+
+    t = sub.add_parser("chat", parents=[common], help="continue prompts; the model decides when to show an image")
+    t.add_argument("prompts", nargs="+")
+    t.add_argument("--max-new-tokens", type=int, default=32)
+    t.add_argument("--min-word-tokens", type=int, default=0, help="no [IMG] before this many new tokens")
+    t.add_argument("--index", help="retrieval index directory: retrieve when the model emits [IMG]")
+    t.add_argument("-k", type=int, default=1)
+    t.add_argument("--generate", action="store_true", help="generate an image (GILL mapper) when it emits [IMG]")
+    t.add_argument("--steps", type=int, default=30)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="outputs/chat")
+    t.set_defaults(func=cmd_chat)
     return p
 
 

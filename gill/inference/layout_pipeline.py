@@ -60,7 +60,7 @@ def prompt_conditioning(model, prompt: str, negative_prompt: str = "", use_mappe
     from gill.modes import img_token_hidden
 
     if use_mapper:
-        tokens, pooled = model.adapter.mapper(img_token_hidden(model, [prompt]))
+        tokens, pooled = model.adapter.map_to_conditioning(img_token_hidden(model, [prompt]))
     else:
         tokens, pooled = model.prompt_encoding([prompt])
     neg_tokens, neg_pooled = model.empty_prompt() if negative_prompt == "" else model.prompt_encoding([negative_prompt])

@@ -4,8 +4,9 @@ Both sides land in the shared space the retrieval mode trains (cosine similarity
 logits without the temperature, which does not change rankings):
 
 * image: CLIP vision features -> ``adapter.image_proj`` -> L2-normalized;
-* text: caption + ``[IMG]`` -> ChatGLM -> hidden states at ``[IMG]`` -> ``adapter.text_proj`` ->
-  mean over the ``r`` tokens -> L2-normalized.
+* text: caption + ``[IMG]`` -> ChatGLM -> hidden states at ``[IMG]`` -> ``adapter.text_proj`` at
+  the first ``[IMG]`` position (GILL; ``adapter.retrieval_embedding: mean`` averages all ``r``) ->
+  L2-normalized.
 
 An index on disk is a directory with ``embeddings.safetensors`` (fp32 ``[N, d]``) and ``paths.json``
 (the N image paths as given, UTF-8); no pickle.
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from gill.modes import img_token_hidden
+from gill.modes import text_embedding
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INDEX_FORMAT = "gill-retrieval-index-v1"
@@ -56,7 +57,7 @@ def embed_texts(model, texts: Sequence[str], batch_size: int = 64) -> torch.Tens
     texts = list(texts)
     out = []
     for start in range(0, len(texts), batch_size):
-        txt = model.adapter.text_proj(img_token_hidden(model, texts[start : start + batch_size])).mean(dim=1)
+        txt = text_embedding(model, texts[start : start + batch_size])
         out.append(F.normalize(txt.float(), dim=-1))
     return torch.cat(out)
 
@@ -119,11 +120,15 @@ class RetrievalIndex:
     def query_text(self, model, texts: str | Sequence[str], k: int = 5):
         """Top-``k`` ``(path, cosine)`` per text; a single string gives a single list."""
         single = isinstance(texts, str)
-        q = embed_texts(model, [texts] if single else texts).cpu()
+        hits = self.query_embeddings(embed_texts(model, [texts] if single else texts), k)
+        return hits[0] if single else hits
+
+    def query_embeddings(self, q: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-``k`` ``(path, cosine)`` for each normalized query embedding ``[B, d]``."""
+        q = q.float().cpu()
         if q.shape[1] != self.embeddings.shape[1]:
             raise ValueError(f"index has dim {self.embeddings.shape[1]} but the model embeds to {q.shape[1]}: another adapter?")
-        hits = _top_k(q @ self.embeddings.T, self.paths, k)
-        return hits[0] if single else hits
+        return _top_k(q @ self.embeddings.T, self.paths, k)
 
     @staticmethod
     def query_image(model, image: Image.Image, captions: Sequence[str], k: int = 5) -> list[tuple[str, float]]:
