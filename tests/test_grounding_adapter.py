@@ -74,11 +74,6 @@ def test_bottleneck_self_injection_keeps_two_gated_branches():
 
 
 # ---- non-square sizes ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model_cfg():
-    return OmegaConf.load("conf/model/tiny.yaml")
-
-
 def _model(tiny_stack_dir, injection):
     from gill.model import GillModel
     from gill.stack import load_stack
@@ -128,3 +123,23 @@ def test_box_mask_follows_the_recorded_grid(tiny_stack_dir):
     assert m.shape == (1, 18, 2)
     grid = m[0, :, 0].view(3, 6)
     assert grid[:, :3].all() and not grid[:, 3:].any()
+
+
+def test_kolors_unet_at_520x704_uses_real_grids():
+    """Kolors scale, on the meta device (shapes only, nothing allocated): 520x704 px is a 65x88 latent,
+    attended at 33x44 and 17x22; guessing the grid from the token count turns 17x22 (374 tokens) into 17x23."""
+    from diffusers import UNet2DConditionModel
+
+    from gill.spatial_adapter import SpatialAdapter
+    from gill.stack import KOLORS_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**KOLORS_UNET_CONFIG)
+        sa = SpatialAdapter(unet, phrase_dim=4096, injection="cross", inner_dim=128)
+        sa.attach(unet)
+        boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.5], [0.5, 0.2, 0.9, 0.9]]])
+        sa.set_layout(torch.zeros(1, 2, 4096), boxes, torch.ones(1, 2, dtype=torch.bool))
+        out = unet(torch.randn(1, 4, 65, 88), torch.tensor([10]), encoder_hidden_states=torch.randn(1, 256, 4096),
+                   added_cond_kwargs={"text_embeds": torch.randn(1, 4096), "time_ids": torch.randn(1, 6)}).sample
+    assert out.shape == (1, 4, 65, 88)
+    assert set(sa._grids.values()) == {(33, 44), (17, 22)}
