@@ -11,18 +11,23 @@ Two parts:
 
 Injection points (``injection``):
 
-* ``"self"`` — GLIGEN's gated self-attention over ``[visual; grounding]`` tokens, applied to the
-  residual stream between ``attn1`` and ``attn2``.
+* ``"self"`` — GLIGEN's gated self-attention (diffusers' ``GatedSelfAttentionDense``) on the
+  residual stream between ``attn1`` and ``attn2``: two zero-initialised tanh gates, an attention
+  branch over ``LN([x; objs])`` kept at the visual positions, then a GEGLU feed-forward branch on
+  the *updated* stream. No box mask: as in GLIGEN, the boxes enter only through the tokens.
 * ``"cross"`` — a decoupled gated cross-attention from visual tokens to grounding tokens, added
   to ``attn2``'s output; optionally masked so a pixel only attends to the boxes containing it.
   What a pixel inside no box attends to (``outside``): only a learned null token (``"null"``), or
   the null token and every object (``"all"``). With ``"null"`` the adapter adds one constant vector
   to every such pixel; with ``"all"`` the attention weights depend on the pixel, so the adapter can
   act on what the frozen UNet draws outside the boxes (e.g. a caption's object drawn elsewhere). On
-  the grounding benchmark ``"all"`` scored lower (docs/grounding_benchmark.md, session 5).
+  the grounding benchmark ``"all"`` scored lower (docs/grounding_benchmark.md).
+  The box mask of a block is built on the ``(h, w)`` token grid that block runs on, recorded by a
+  pre-hook on its ``Transformer2DModel``, so non-square sizes work.
 
 Both run in a bottleneck of width ``inner_dim`` to keep the adapter near the ~50M budget at
-Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters).
+Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters);
+``inner_dim=None`` is the full-width form (for ``"self"``: exactly GLIGEN's fuser).
 """
 from __future__ import annotations
 
