@@ -143,3 +143,19 @@ def test_kolors_unet_at_520x704_uses_real_grids():
                    added_cond_kwargs={"text_embeds": torch.randn(1, 4096), "time_ids": torch.randn(1, 6)}).sample
     assert out.shape == (1, 4, 65, 88)
     assert set(sa._grids.values()) == {(33, 44), (17, 22)}
+
+
+def test_self_injection_fits_the_budget_at_kolors_scale():
+    """GLIGEN's form on all 70 Kolors blocks in a 112-wide bottleneck: <= 60M spatial parameters
+    (128 wide would be 68.5M; full width, diffusers' fuser, 1.81B)."""
+    from diffusers import UNet2DConditionModel
+
+    from gill.spatial_adapter import SpatialAdapter
+    from gill.stack import KOLORS_UNET_CONFIG
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**KOLORS_UNET_CONFIG)
+        sa = SpatialAdapter(unet, phrase_dim=4096, injection="self", inner_dim=112)
+    assert len(sa.layers) == 70
+    n = sum(p.numel() for p in sa.parameters())
+    assert 50e6 < n <= 60e6, n
