@@ -11,22 +11,26 @@ Two parts:
 
 Injection points (``injection``):
 
-* ``"self"`` — GLIGEN's gated self-attention over ``[visual; grounding]`` tokens, applied to the
-  residual stream between ``attn1`` and ``attn2``.
+* ``"self"`` — GLIGEN's gated self-attention (diffusers' ``GatedSelfAttentionDense``) on the
+  residual stream between ``attn1`` and ``attn2``: two zero-initialised tanh gates, an attention
+  branch over ``LN([x; objs])`` kept at the visual positions, then a GEGLU feed-forward branch on
+  the *updated* stream. No box mask: as in GLIGEN, the boxes enter only through the tokens.
 * ``"cross"`` — a decoupled gated cross-attention from visual tokens to grounding tokens, added
   to ``attn2``'s output; optionally masked so a pixel only attends to the boxes containing it.
   What a pixel inside no box attends to (``outside``): only a learned null token (``"null"``), or
   the null token and every object (``"all"``). With ``"null"`` the adapter adds one constant vector
   to every such pixel; with ``"all"`` the attention weights depend on the pixel, so the adapter can
   act on what the frozen UNet draws outside the boxes (e.g. a caption's object drawn elsewhere). On
-  the grounding benchmark ``"all"`` scored lower (docs/grounding_benchmark.md, session 5).
+  the grounding benchmark ``"all"`` scored lower (docs/grounding_benchmark.md).
+  The box mask of a block is built on the ``(h, w)`` token grid that block runs on, recorded by a
+  pre-hook on its ``Transformer2DModel``, so non-square sizes work.
 
 Both run in a bottleneck of width ``inner_dim`` to keep the adapter near the ~50M budget at
-Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters).
+Kolors scale (diffusers' full-width fuser on all 70 blocks is 1.81B parameters);
+``inner_dim=None`` is the full-width form (for ``"self"``: exactly GLIGEN's fuser).
 """
 from __future__ import annotations
 
-import math
 from typing import Iterable
 
 import torch
@@ -78,54 +82,112 @@ def _attention(q, k, v, heads: int, mask=None):
     return out.transpose(1, 2).reshape(b, n, d)
 
 
-class _GatedInjection(nn.Module):
-    """Shared bottleneck: visual ``C -> inner``, grounding ``token_dim -> inner``, back to ``C``."""
+class GEGLUFeedForward(nn.Module):
+    """diffusers' ``FeedForward(dim, activation_fn="geglu")``: ``Linear(dim, 2*4*dim)`` -> value * GELU(gate)
+    -> ``Linear(4*dim, dim)``. Same parameter names (``net.0.proj``, ``net.2``), so its weights load as is."""
 
-    def __init__(self, channels: int, token_dim: int, inner_dim: int, head_dim: int):
+    def __init__(self, dim: int, mult: int = 4):
         super().__init__()
+        inner = mult * dim
+        geglu = nn.Module()
+        geglu.proj = nn.Linear(dim, 2 * inner)
+        self.net = nn.ModuleList([geglu, nn.Identity(), nn.Linear(inner, dim)])  # [1]: diffusers' dropout slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.net[0].proj(x).chunk(2, dim=-1)
+        return self.net[2](value * F.gelu(gate))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with diffusers ``Attention``'s parameter names (``to_q``, ``to_k``,
+    ``to_v`` without bias, ``to_out.0``)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_out[0](_attention(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
+
+
+def _maybe_linear(d_in: int, d_out: int) -> nn.Module:
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+
+class GatedSelfAttention(nn.Module):
+    """GLIGEN's gated self-attention (``GatedSelfAttentionDense``), returning the residual delta.
+
+    With ``x`` the visual stream and ``objs = linear(tokens)``::
+
+        x = x + tanh(gate[0]) * up_a(Attn(LN1([down_a(x); objs])))[:, :n]
+        x = x + tanh(gate[1]) * up_d(FF(LN2(down_d(x))))     # reads the *updated* x
+
+    ``inner_dim=None`` is GLIGEN's full-width form (the down/up projections are identities and the
+    weights load from diffusers' ``GatedSelfAttentionDense``); an int runs each branch in a
+    bottleneck of that width, for the parameter budget. ``gate`` holds GLIGEN's two zero-initialised
+    scalars ``[alpha_attn, alpha_dense]`` in one 1-d tensor (DeepSpeed cannot broadcast 0-d ones).
+    The delta, not the updated stream, is returned: ``output + delta`` leaves the frozen UNet bit
+    for bit unchanged at zero gates, where ``updated - x`` would round.
+    """
+
+    def __init__(self, channels: int, token_dim: int, inner_dim: int | None = None, head_dim: int = 64):
+        super().__init__()
+        width = channels if inner_dim is None else int(inner_dim)
+        self.linear = nn.Linear(token_dim, width)  # GLIGEN projects the grounding tokens to the visual width
+        self.down_attn, self.up_attn = _maybe_linear(channels, width), _maybe_linear(width, channels)
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = SelfAttention(width, max(1, width // head_dim))
+        self.down_dense, self.up_dense = _maybe_linear(channels, width), _maybe_linear(width, channels)
+        self.norm2 = nn.LayerNorm(width)
+        self.ff = GEGLUFeedForward(width)
+        self.gate = nn.Parameter(torch.zeros(2))
+
+    def gates(self) -> torch.Tensor:
+        return self.gate
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, box_mask=None) -> torch.Tensor:
+        n = x.shape[1]
+        alpha_attn, alpha_dense = torch.tanh(self.gate).to(x.dtype).unbind()
+        objs = self.linear(tokens.to(x.dtype))
+        attn = self.attn(self.norm1(torch.cat((self.down_attn(x), objs), dim=1)))[:, :n]
+        delta_attn = alpha_attn * self.up_attn(attn)
+        dense = self.ff(self.norm2(self.down_dense(x + delta_attn)))
+        return delta_attn + alpha_dense * self.up_dense(dense)
+
+
+class GatedCrossAttention(nn.Module):
+    """Decoupled gated cross-attention from visual tokens to grounding tokens, in a bottleneck:
+    visual ``C -> inner``, grounding ``token_dim -> inner``, back to ``C`` (returns the delta)."""
+
+    def __init__(self, channels: int, token_dim: int, inner_dim: int | None = None, head_dim: int = 64):
+        super().__init__()
+        inner_dim = channels if inner_dim is None else int(inner_dim)
         self.heads = max(1, inner_dim // head_dim)
         self.proj_in = nn.Linear(channels, inner_dim)
         self.proj_tokens = nn.Linear(token_dim, inner_dim)
         self.proj_out = nn.Linear(inner_dim, channels)
         # tanh(0) = 0: the frozen UNet's output is reproduced bit for bit at initialisation.
         self.gate = nn.Parameter(torch.zeros(1))
-
-    def gated(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.gate).to(x.dtype) * self.proj_out(x)
-
-
-class GatedSelfAttention(_GatedInjection):
-    """GLIGEN's gated self-attention over ``[visual; grounding]`` (returns the residual delta)."""
-
-    def __init__(self, channels, token_dim, inner_dim, head_dim=64):
-        super().__init__(channels, token_dim, inner_dim, head_dim)
-        self.norm1 = nn.LayerNorm(inner_dim)
-        self.qkv = nn.Linear(inner_dim, 3 * inner_dim, bias=False)
-        self.attn_out = nn.Linear(inner_dim, inner_dim)
-        self.norm2 = nn.LayerNorm(inner_dim)
-        self.ff = nn.Sequential(nn.Linear(inner_dim, 4 * inner_dim), nn.GELU(), nn.Linear(4 * inner_dim, inner_dim))
-
-    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, box_mask=None) -> torch.Tensor:
-        n = hidden.shape[1]
-        z = self.norm1(torch.cat((self.proj_in(hidden), self.proj_tokens(tokens.to(hidden.dtype))), dim=1))
-        q, k, v = self.qkv(z).chunk(3, dim=-1)
-        a = self.attn_out(_attention(q, k, v, self.heads))[:, :n]
-        a = a + self.ff(self.norm2(a))
-        return self.gated(a)
-
-
-class GatedCrossAttention(_GatedInjection):
-    """Decoupled gated cross-attention from visual tokens to grounding tokens (returns the delta)."""
-
-    def __init__(self, channels, token_dim, inner_dim, head_dim=64):
-        super().__init__(channels, token_dim, inner_dim, head_dim)
         self.to_kv = nn.Linear(inner_dim, 2 * inner_dim, bias=False)
+
+    def gates(self) -> torch.Tensor:
+        return self.gate
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor, box_mask=None) -> torch.Tensor:
         q = self.proj_in(hidden)
         k, v = self.to_kv(self.proj_tokens(tokens.to(hidden.dtype))).chunk(2, dim=-1)
         mask = None if box_mask is None else box_mask[:, None]  # [B, 1, n, N+1]
-        return self.gated(_attention(q, k, v, self.heads, mask))
+        return torch.tanh(self.gate).to(hidden.dtype) * self.proj_out(_attention(q, k, v, self.heads, mask))
+
+
+def _grid_owner(block_name: str) -> str:
+    """The module that flattens a block's feature map: ``...attentions.0.transformer_blocks.3`` ->
+    ``...attentions.0`` (diffusers' ``Transformer2DModel``)."""
+    return block_name.rsplit(".transformer_blocks.", 1)[0]
 
 
 def transformer_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -158,7 +220,7 @@ class SpatialAdapter(nn.Module):
         phrase_dim: int,
         injection: str = "self",
         blocks: str | list[str] = "all",
-        inner_dim: int = 128,
+        inner_dim: int | None = 128,
         token_dim: int = 512,
         tokenizer_hidden: int = 512,
         head_dim: int = 64,
@@ -187,10 +249,15 @@ class SpatialAdapter(nn.Module):
         self._handles: list = []
         self._state: dict = {}
         self._block_inputs: dict = {}
+        # (h, w) of the token grid each transformer model last ran on, recorded by a pre-hook:
+        # the box mask's grid, never guessed from a token count (latent sides that are not
+        # multiples of 4 give grids a square-root guess gets wrong: 40x96 px on the tiny stack).
+        self._grids: dict[str, tuple[int, int]] = {}
 
     # ---- per-call state -------------------------------------------------------------------
-    def set_layout(self, phrase_embeds, boxes, mask, latent_hw: tuple[int, int]):
-        """Set the layout for the next UNet call(s).
+    def set_layout(self, phrase_embeds, boxes, mask, latent_hw: tuple[int, int] | None = None):
+        """Set the layout for the next UNet call(s). ``latent_hw`` is informational only: each
+        block's box mask uses the token grid that block really runs on (see :meth:`attach`).
 
         The state stays set (it is not a context manager) on purpose: with gradient
         checkpointing the UNet blocks are re-run during backward, and the hooks must see the
@@ -200,7 +267,7 @@ class SpatialAdapter(nn.Module):
         tokens = self.tokenizer(phrase_embeds, boxes, mask)
         if self.null_token is not None:
             tokens = torch.cat((tokens, self.null_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)), dim=1)
-        self._state = {"tokens": tokens, "boxes": boxes, "mask": mask, "latent_hw": latent_hw}
+        self._state = {"tokens": tokens, "boxes": boxes, "mask": mask}
 
     def clear_layout(self):
         self._state = {}
@@ -214,12 +281,12 @@ class SpatialAdapter(nn.Module):
         take = lambda t: t.gather(1, order.view(*order.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))  # noqa: E731
         return take(boxes), take(mask), take(phrase_embeds)
 
-    def _box_mask(self, n_tokens: int) -> torch.Tensor:
-        """``[B, n, N+1]`` bool: token i may attend to object j iff its centre lies in box j (or, with
-        ``outside="all"``, iff it lies in no box); the null token (last) is always visible."""
-        h, w = self._state["latent_hw"]
-        scale = math.sqrt(h * w / n_tokens)
-        gh, gw = round(h / scale), round(w / scale)
+    def _box_mask(self, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """``[B, gh*gw, N+1]`` bool over a ``(gh, gw)`` token grid (row-major, as diffusers'
+        ``Transformer2DModel`` flattens it): token i may attend to object j iff its centre lies in
+        box j (or, with ``outside="all"``, iff it lies in no box); the null token (last) is always
+        visible."""
+        gh, gw = grid_hw
         boxes, mask = self._state["boxes"], self._state["mask"]
         ys = (torch.arange(gh, device=boxes.device, dtype=torch.float32) + 0.5) / gh
         xs = (torch.arange(gw, device=boxes.device, dtype=torch.float32) + 0.5) / gw
@@ -237,18 +304,32 @@ class SpatialAdapter(nn.Module):
         """Register the hooks on ``unet`` (idempotent)."""
         self.detach()
         blocks = dict(transformer_blocks(unet))
+        for parent in dict.fromkeys(map(_grid_owner, self.block_names)):
+            module = unet.get_submodule(parent)
+            self._handles.append(module.register_forward_pre_hook(self._record_grid(parent), with_kwargs=True))
         for name, layer in zip(self.block_names, self.layers):
             block = blocks[name]
             if self.injection == "self":
                 self._handles.append(block.register_forward_pre_hook(self._save_block_input(name), with_kwargs=True))
                 self._handles.append(block.attn1.register_forward_hook(self._self_hook(name, layer)))
             else:
-                self._handles.append(block.attn2.register_forward_hook(self._cross_hook(layer), with_kwargs=True))
+                hook = self._cross_hook(_grid_owner(name), layer)
+                self._handles.append(block.attn2.register_forward_hook(hook, with_kwargs=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _record_grid(self, parent):
+        # The transformer model receives the [B, C, h, w] feature map and flattens it for its blocks.
+        # Kept after the call: checkpointed blocks re-run in backward and read it again.
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.dim() == 4:
+                self._grids[parent] = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+
+        return hook
 
     def _save_block_input(self, name):
         def hook(module, args, kwargs):
@@ -267,12 +348,18 @@ class SpatialAdapter(nn.Module):
 
         return hook
 
-    def _cross_hook(self, layer):
+    def _cross_hook(self, parent, layer):
         def hook(module, args, kwargs, output):
             if not self._state:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            mask = self._box_mask(hidden.shape[1]) if self.use_box_mask else None
+            mask = None
+            if self.use_box_mask:
+                grid = self._grids.get(parent)
+                if grid is None or grid[0] * grid[1] != hidden.shape[1]:
+                    raise RuntimeError(f"spatial adapter: no token grid recorded for {parent} matching "
+                                       f"{hidden.shape[1]} tokens (got {grid})")
+                mask = self._box_mask(grid)
             return output + layer(hidden, self._state["tokens"], mask)
 
         return hook

@@ -73,12 +73,23 @@ def evaluate(model, loader, train_cfg) -> tuple[dict, list[tuple[str, str]]]:
             model.train(was_training)
 
 
+def validation_size(model, i: int) -> tuple[int, int]:
+    """``(height, width)`` of validation image ``i``: the native square, except every second image,
+    which is 3:4 landscape (a multiple of 8 px, as the pipeline requires) so non-square generation is
+    exercised throughout training."""
+    from gill.inference.layout_pipeline import default_size
+
+    h, w = default_size(model)
+    return (h * 3 // 4 // 8 * 8, w) if i % 2 else (h, w)
+
+
 def render_validation_images(model, batch: dict, out_dir, step: int, *, max_images: int = 4, steps: int = 20,
                              guidance_scale: float = 3.0, beta: float = 1.0, seed: int = 0) -> list[Path]:
     """Generate the first ``max_images`` layouts of a collated batch with the inference path
-    (``generate_layout``), adapter on, and save each with its requested boxes drawn on top as
-    ``<out_dir>/step_<step>/<i>_<id>.png``. Returns the paths. Restores the model's train/eval
-    mode and leaves its random stream untouched (generation uses its own seeded generators)."""
+    (``generate_layout``), adapter on, at :func:`validation_size`, and save each with its requested
+    boxes drawn on top as ``<out_dir>/step_<step>/<i>_<id>.png``. Returns the paths. Restores the
+    model's train/eval mode and leaves its random stream untouched (generation uses its own seeded
+    generators)."""
     from gill.inference import draw_layout, generate_layout
 
     was_training = model.training
@@ -91,11 +102,12 @@ def render_validation_images(model, batch: dict, out_dir, step: int, *, max_imag
             for i in range(min(max_images, len(batch["captions"]))):
                 n = int(batch["box_mask"][i].sum())
                 objects = [(batch["labels"][i][j], batch["boxes"][i, j].tolist()) for j in range(n)]
+                height, width = validation_size(model, i)
                 image = generate_layout(model, batch["captions"][i], objects, steps=steps, guidance_scale=guidance_scale,
-                                        beta=beta, seed=seed + i)[0]
-                side = max(256, image.width)
+                                        beta=beta, seed=seed + i, height=height, width=width)[0]
+                scale = max(1, 256 // image.width)  # small images are enlarged so the labels stay legible
                 path = folder / f"{i:02d}_{batch['ids'][i] if 'ids' in batch else i}.png"
-                draw_layout(image.resize((side, side)), objects).save(path)
+                draw_layout(image.resize((image.width * scale, image.height * scale)), objects).save(path)
                 paths.append(path)
         finally:
             model.train(was_training)

@@ -72,6 +72,10 @@ def test_render_validation_images(tiny_stack, tmp_path):
         paths = render_validation_images(model, batch, tmp_path, step=7, max_images=2, steps=2)
         assert [p.parent.name for p in paths] == ["step_00000007"] * 2
         assert all(p.is_file() for p in paths)
+        from PIL import Image
+
+        # the second one is non-square (3:4 landscape), the tiny stack's 64 px enlarged 4x for the labels
+        assert [Image.open(p).size for p in paths] == [(256, 256), (256, 192)]
     finally:
         model.adapter.spatial.detach()  # the session stack is shared: leave its UNet unhooked
 

@@ -67,7 +67,7 @@ def test_cross_box_mask_confines_attention_to_boxes(tiny_stack_dir):
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0, 0, 0, 0]]])
     mask = torch.tensor([[True, False]])
     sa.set_layout(torch.zeros(1, 2, model.llm_dim), boxes, mask, (16, 16))
-    m = sa._box_mask(64)  # an 8x8 token grid
+    m = sa._box_mask((8, 8))  # an 8x8 token grid
     assert m.shape == (1, 64, 3)
     grid = m[0, :, 0].view(8, 8)
     assert grid[:4, :4].all() and not grid[4:, :].any() and not grid[:, 4:].any()
@@ -81,7 +81,7 @@ def test_cross_outside_all_lets_pixels_in_no_box_see_every_object(tiny_stack_dir
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.0, 0.5, 0.5, 1.0], [0, 0, 0, 0]]])
     mask = torch.tensor([[True, True, False]])
     sa.set_layout(torch.zeros(1, 3, model.llm_dim), boxes, mask, (16, 16))
-    m = sa._box_mask(64)[0].view(8, 8, 4)
+    m = sa._box_mask((8, 8))[0].view(8, 8, 4)
     assert m[:4, :4, 0].all() and not m[:4, :4, 1].any(), "inside a box: that box only"
     assert m[4:, :4, 1].all() and not m[4:, :4, 0].any()
     assert m[:, 4:, 0].all() and m[:, 4:, 1].all(), "in no box: every object"

@@ -965,7 +965,7 @@ def run_benchmark(preset: str, injections: list[str], work_dir: Path, device: to
         if off is None:  # beta=0: the adapter does nothing, so "off" is the same for every injection
             off = grounding_scores(model, layouts, p, beta=0.0, save_dir=images_dir / "off" if images_dir else None,
                                    save_first=8)
-        gates = [float(torch.tanh(l.gate).abs()) for l in model.adapter.spatial.layers]
+        gates = [float(g) for l in model.adapter.spatial.layers for g in torch.tanh(l.gates()).abs()]
         results["injection"][inj] = {"inner_dim": inner, "params": params, "train": info, "on": on,
                                      "mean_abs_tanh_gate": float(np.mean(gates))}
         log.info("%s: on %s | off %s", inj, on, off)

@@ -67,11 +67,12 @@ def prompt_conditioning(model, prompt: str, negative_prompt: str = "", use_mappe
     return tokens.to(model.dtype), pooled.to(model.dtype), neg_tokens.to(model.dtype), neg_pooled.to(model.dtype)
 
 
-def set_guided_layout(model, objects: list[tuple[str, tuple]], batch: int, guided: bool, latent_hw: tuple[int, int]):
+def set_guided_layout(model, objects: list[tuple[str, tuple]], batch: int, guided: bool):
     """Set the layout for a UNet batch of ``batch`` images (``2 * batch`` rows when ``guided``).
 
     Guided rows are ordered as ``KolorsPipeline`` orders them: unconditional first (null layout),
-    conditional second (the real layout).
+    conditional second (the real layout). No image size is needed: the adapter builds each block's
+    box mask on the token grid that block runs on, so any height and width work (non-square too).
     """
     n = len(objects)
     phrases = model.phrases(model, [[label for label, _ in objects]], n).expand(batch, -1, -1)
@@ -81,7 +82,7 @@ def set_guided_layout(model, objects: list[tuple[str, tuple]], batch: int, guide
         phrases = torch.cat((torch.zeros_like(phrases), phrases))
         boxes = torch.cat((boxes, boxes))
         mask = torch.cat((torch.zeros_like(mask), mask))
-    model.adapter.spatial.set_layout(phrases, boxes, mask, latent_hw)
+    model.adapter.spatial.set_layout(phrases, boxes, mask)
 
 
 class _LayoutOff:
@@ -133,13 +134,12 @@ def generate_layout(
     # Pre-expanded to num_images with num_images_per_prompt=1: given prompt_embeds, KolorsPipeline
     # repeats only the pooled vectors per image, which would leave the batch sizes inconsistent.
     rep = lambda x: x.expand(num_images, *x.shape[1:]).contiguous()  # noqa: E731
-    vsf = model.vae_scale_factor
     steps_on = round(beta * steps) if objs else 0
     spatial = model.adapter.spatial
     spatial.clear_layout()
     try:
         if steps_on > 0:
-            set_guided_layout(model, objs, num_images, guided, (height // vsf, width // vsf))
+            set_guided_layout(model, objs, num_images, guided)
         latents = pipe(
             prompt_embeds=rep(tokens),
             pooled_prompt_embeds=rep(pooled),
