@@ -46,7 +46,7 @@ def test_recall_moves_with_the_heads_and_losses_hold_still(tiny_stack, tiny_stac
         model.train()
         fitted, _ = evaluate(model, loader, cfg.train)
         assert fitted["retrieval/pairs"] == 64
-        assert fitted["retrieval/t2i_recall@5"] >= 0.6 and fitted["retrieval/i2t_recall@5"] >= 0.6, fitted
+        assert fitted["retrieval/t2i_recall@5"] >= 0.5 and fitted["retrieval/i2t_recall@5"] >= 0.5, fitted
 
         # Same weights, the training stream elsewhere and every dropout on: the same validation losses.
         torch.rand(100, generator=model.rng)
