@@ -136,3 +136,12 @@ def test_damaged_newest_checkpoint_auto_falls_back_and_stays_exact(finished_run,
     assert CheckpointManager(out).latest().name == "step_00000004" and damage(newest) is None
     marker = json.loads((newest / MARKER).read_text())
     assert marker["files"] and marker["trainables"]["train.flat_params"] is True
+
+
+def test_digest_catches_other_shapes_under_the_same_config(tmp_path):
+    from gill.checkpoint import adapter_digest, check_digest
+
+    (tmp_path / MARKER).write_text(json.dumps({"step": 1, "trainables_digest": adapter_digest(torch.nn.Linear(4, 2))}))
+    check_digest(tmp_path, torch.nn.Linear(4, 2))  # same names and shapes
+    with pytest.raises(ValueError, match="trainables_digest"):
+        check_digest(tmp_path, torch.nn.Linear(5, 2))
