@@ -5,12 +5,55 @@
   (tests/test_trainer.py parity test).
 * :func:`make_cpu_adam_history_free` — DeepSpeedCPUAdam's bias correction depends on the
   process's history, so a resumed run drifts from an uninterrupted one (resume test).
+
+Both reach into DeepSpeed's private attributes. :func:`check_deepspeed_internals` asserts at start-up
+that they exist (a renamed attribute would otherwise turn a workaround into a silent no-op); the
+versions they are proven on are pinned in setup.cfg.
 """
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
+
+log = logging.getLogger(__name__)
+PROVEN_DEEPSPEED = ("0.19.8",)  # the versions the parity and resume tests passed on
+
+
+class DeepSpeedInternalsError(RuntimeError):
+    """A DeepSpeed private attribute that a workaround needs is gone (another DeepSpeed version)."""
+
+
+def _require(obj, attr: str, what: str) -> None:
+    if not hasattr(obj, attr):
+        import deepspeed
+
+        raise DeepSpeedInternalsError(
+            f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no {attr!r}, which {what} needs "
+            f"(gill/ds_workarounds.py, proven on DeepSpeed {', '.join(PROVEN_DEEPSPEED)}); install a proven "
+            "version or port the workaround"
+        )
+
+
+def check_deepspeed_internals(engine) -> None:
+    """Fail at start-up, with the attribute's name, if a workaround's hook into DeepSpeed is missing."""
+    import deepspeed
+
+    if deepspeed.__version__ not in PROVEN_DEEPSPEED:
+        log.warning("DeepSpeed %s: the workarounds in gill/ds_workarounds.py are proven on %s only",
+                    deepspeed.__version__, ", ".join(PROVEN_DEEPSPEED))
+    _require(engine, "was_step_applied", "counting the steps DeepSpeed skips")
+    optimizer = engine.optimizer
+    if getattr(optimizer, "cpu_offload", False):
+        _require(optimizer, "accumulated_grads_in_cpu", "reset_offload_accumulators")
+    base = getattr(optimizer, "optimizer", None)
+    if type(base).__name__ == "DeepSpeedCPUAdam":
+        _require(base, "ds_opt_adam", "make_cpu_adam_history_free")
+        _require(base.ds_opt_adam, "adam_update", "make_cpu_adam_history_free")
+        _require(base, "opt_id", "make_cpu_adam_history_free")
+        if not getattr(base, "_gill_history_free", False):
+            raise DeepSpeedInternalsError("DeepSpeedCPUAdam was not patched by make_cpu_adam_history_free")
 
 
 def touch_all_trainables(model) -> torch.Tensor:
@@ -34,7 +77,7 @@ def reset_offload_accumulators(engine) -> None:
     """
     optimizer = engine.optimizer
     if getattr(optimizer, "cpu_offload", False):
-        for buffer in getattr(optimizer, "accumulated_grads_in_cpu", {}).values():
+        for buffer in optimizer.accumulated_grads_in_cpu.values():  # its presence: check_deepspeed_internals
             buffer.zero_()
 
 
@@ -48,6 +91,8 @@ def make_cpu_adam_history_free(optimizer) -> bool:
     """
     if type(optimizer).__name__ != "DeepSpeedCPUAdam":
         return False
+    _require(optimizer, "ds_opt_adam", "make_cpu_adam_history_free")
+    _require(optimizer, "opt_id", "make_cpu_adam_history_free")
     dummy = [torch.zeros(1) for _ in range(4)]
     real_step = optimizer.step
 
@@ -56,4 +101,5 @@ def make_cpu_adam_history_free(optimizer) -> bool:
         return real_step(closure)
 
     optimizer.step = types.MethodType(step, optimizer)
+    optimizer._gill_history_free = True
     return True

@@ -14,11 +14,13 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from gill import distributed, resources
+from gill.checkpoint import check_digest, check_resumable, resume_record
+from gill.config_check import check_train_config
 from gill.data.cache import cache_enabled, open_cache
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
 from gill.ds_config import build_ds_config, resolve_precision
-from gill.ds_workarounds import make_cpu_adam_history_free
+from gill.ds_workarounds import check_deepspeed_internals, make_cpu_adam_history_free
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
         lr_scheduler=lambda optimizer: make_scheduler(optimizer, sched),
     )
     model.adapter.refresh()  # DeepSpeed moved the trainables into its own buffers
+    check_deepspeed_internals(engine)  # a workaround must never turn into a silent no-op
     if cache_enabled(cfg):
         # Training reads the encoders' outputs from the cache: the VAE and CLIP tower leave the
         # accelerator (after initialize, which moves and broadcasts every parameter). Validation
@@ -92,6 +95,7 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     """Train according to ``cfg``; returns the last step's metrics."""
     from gill.trainer import Trainer
 
+    check_train_config(cfg)  # types and ranges of train.*, named by key, before anything runs
     device = distributed.device_for_rank()
     cap = cfg.train.get("gpu_memory_cap_gib")
     fraction = resources.cap_gpu_memory(device, cap)
@@ -112,6 +116,9 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     output_dir = Path(distributed.broadcast_object(hydra_output_dir or cfg.train.output_dir)).resolve()
     with open_dict(cfg):
         cfg.train.output_dir = str(output_dir)
+    # The checkpoint to resume is found, verified and matched against this config before the run folder
+    # is written to and before any model is built.
+    resume = resolve_resume(output_dir, cfg)
     refuse_occupied_run_folder(output_dir, cfg.train.resume)
     if distributed.is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -128,9 +135,8 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     trainer = Trainer(cfg, engine, loader, sampler, val_loader, resolved, output_dir)
-    resume = trainer.ckpt.resolve(cfg.train.resume)
     if resume is not None:
-        trainer.check_resumable(resume)
+        check_digest(resume, engine.module.adapter)
         trainer.restore(trainer.ckpt.load(engine, resume))
         log.info("resumed from %s at step %d", resume, trainer.step)
     elif cfg.train.resume == "auto":
@@ -140,6 +146,26 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     if distributed.is_main():
         log.info("done: %d steps, adapter at %s", trainer.step, output_dir / "adapter.safetensors")
     return metrics
+
+
+def resolve_resume(output_dir: Path, cfg) -> Path | None:
+    """The checkpoint ``train.resume`` names, verified (rank 0 reads the files, every rank gets the verdict)
+    and checked against this config; raises on every rank, naming the file or the differing keys."""
+    from gill.checkpoint import CheckpointManager
+
+    found = error = None
+    if distributed.is_main():
+        try:
+            found = CheckpointManager(output_dir).resolve(cfg.train.resume)
+            if found is not None:
+                check_resumable(found, resume_record(cfg, distributed.world_size()))
+        except (OSError, ValueError, RuntimeError) as e:
+            error = (type(e).__name__, str(e))
+    found, error = distributed.broadcast_object((found, error))
+    if error is not None:
+        kind = {"FileNotFoundError": FileNotFoundError, "ValueError": ValueError}.get(error[0], RuntimeError)
+        raise kind(error[1])
+    return found
 
 
 def refuse_occupied_run_folder(output_dir: Path, resume) -> None:

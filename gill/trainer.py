@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gill import distributed, resources
-from gill.checkpoint import CheckpointManager, atomic_write_text, export_adapter
+from gill.checkpoint import CheckpointManager, adapter_digest, atomic_write_text, export_adapter, resume_record
 from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
 from gill.profiling import StepProfiler
 
@@ -52,8 +52,11 @@ def optimizer_step(
 
     A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
     backward is collective), and the update is skipped by running the boundary step at lr 0: no
-    poisoned value reaches the weights (Adam's moments still take in the step's finite gradients).
-    ``metrics["skipped"]`` says so.
+    poisoned value reaches the weights (Adam's moments and step count still take in the step's finite
+    gradients, tests/test_skipped_steps.py). A finite loss whose gradient is not finite is caught by
+    DeepSpeed itself (its global norm check): it drops the gradients and skips the update, the
+    moments and the LR schedule (``engine.was_step_applied()`` is false). Either way
+    ``metrics["skipped"]`` is 1; ``metrics["grad_overflow"]`` tells the second kind.
     """
     model = engine.module
     sums: dict[str, float] = {}
@@ -73,6 +76,7 @@ def optimizer_step(
             if i == n_micro:
                 loss = loss + touch_all_trainables(model)
             if i == n_micro and poisoned:
+                lrs = [group["lr"] for group in engine.optimizer.param_groups]
                 set_lr(engine, 0.0)  # the scheduler's step right after restores it
             engine.backward(loss)
             if i == n_micro and before_update is not None:
@@ -80,6 +84,12 @@ def optimizer_step(
             engine.step()
             if i == n_micro:
                 reset_offload_accumulators(engine)
+                overflow = not engine.was_step_applied()
+                if overflow:
+                    log.warning("non-finite gradient with finite losses: DeepSpeed skipped this optimizer step")
+                    if poisoned:  # DeepSpeed skipped the scheduler's step too: lr 0 would stay
+                        for group, lr in zip(engine.optimizer.param_groups, lrs):
+                            group["lr"] = lr
             del loss
             if after_micro_step is not None:
                 after_micro_step(mode)
@@ -90,7 +100,8 @@ def optimizer_step(
                 sums[key] = sums.get(key, 0.0) + v.detach().float().mean() / len(micro_batches)
             del out
     metrics = {k: float(v) for k, v in sums.items()}
-    metrics["skipped"] = float(poisoned)
+    metrics["skipped"] = float(poisoned or overflow)
+    metrics["grad_overflow"] = float(overflow)
     return metrics
 
 
@@ -133,19 +144,10 @@ class Trainer:
             "rng_per_rank": distributed.all_gather_object(rng),
         }
 
-    def data_layout(self) -> dict:
-        """What the saved data position depends on: it is a position in this rank's share of an
-        epoch, so it means the same samples only with the same ranks and micro-batch size."""
-        return {"world_size": distributed.world_size(), "micro_batch_size": int(self.t.micro_batch_size)}
-
-    def check_resumable(self, path: Path) -> None:
-        saved = self.ckpt.marker(path)
-        for key, value in self.data_layout().items():
-            if saved.get(key) != value:
-                raise ValueError(
-                    f"cannot resume {path} exactly: it was written with {key}={saved.get(key)}, this run has "
-                    f"{key}={value}; resume with the same setting, or start a new run from adapter.safetensors"
-                )
+    def marker_record(self) -> dict:
+        """What the checkpoint's marker records for the checks before a resume (gill/checkpoint.py)."""
+        return {**resume_record(self.cfg, distributed.world_size()),
+                "trainables_digest": adapter_digest(self.model.adapter)}
 
     def restore(self, state: dict) -> None:
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
@@ -175,7 +177,7 @@ class Trainer:
             log.info("metrics.jsonl: dropped %d records past step %d", len(lines) - len(kept), step)
 
     def save(self) -> None:
-        self.ckpt.save(self.engine, self.step, self.client_state(), self.data_layout())
+        self.ckpt.save(self.engine, self.step, self.client_state(), self.marker_record())
         self.export()
 
     def export(self) -> None:
@@ -288,7 +290,8 @@ class Trainer:
             self.bad_in_a_row += 1
             if self.bad_in_a_row >= int(self.t.max_bad_steps):
                 raise NonFiniteLossError(
-                    f"{self.bad_in_a_row} consecutive optimizer steps had non-finite losses (step {self.step}); "
+                    f"{self.bad_in_a_row} consecutive optimizer steps were skipped for non-finite losses or "
+                    f"gradients (step {self.step}); "
                     "stopping. The weights and the last checkpoint hold no poisoned update."
                 )
         else:

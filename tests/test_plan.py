@@ -113,8 +113,13 @@ def test_plan_cli_says_whether_it_fits(capsys):
 
     p = main(["--card-gib", "24", "model=kolors_random", "train.resolution=1024", "train.micro_batch_size=1"])
     out = capsys.readouterr().out
-    assert "frozen text_encoder" in out and "FIT" in out
+    # The verdict itself ("FIT" alone would also match "DOES NOT FIT"): micro-batch 1 fits a 24 GiB card...
+    assert "frozen text_encoder" in out and p.fits
+    assert out.strip().splitlines()[-1].startswith("FITS a 24 GiB card") and "DOES NOT FIT" not in out
     # Kolors' frozen UNet + ChatGLM alone (DESIGN §3: 16.5 GiB)
     frozen = p.gpu["frozen unet"] + p.gpu["frozen text_encoder"]
     assert 16.3 * 2**30 < frozen < 16.6 * 2**30
     assert set(p.modes) == set(MODES)
+    # ...micro-batch 16 does not.
+    big = main(["--card-gib", "24", "model=kolors_random", "train.resolution=1024", "train.micro_batch_size=16"])
+    assert not big.fits and capsys.readouterr().out.strip().splitlines()[-1].startswith("DOES NOT FIT a 24 GiB card")
