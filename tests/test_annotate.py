@@ -409,3 +409,47 @@ def test_img2dataset_webdataset_run_counts_failed_downloads(data, tmp_path):
     assert summary["errors_by_reason"]["failed_to_resize"] == 1
     assert summary["errors_by_reason"]["size_mismatch"] == 1
     assert summary["processed"] == 5
+
+
+def test_model_inputs_equal_qwen_vl_utils_and_the_processor(data, tmp_path):
+    """Our CPU-side resize + input building against the Qwen authors' path: ``qwen_vl_utils.process_vision_info``
+    then ``Qwen2VLProcessor``. Both need torchvision, which has no build for the CPU torch pinned here
+    (PyPI's wheels link the CUDA torch libraries): the test runs wherever torchvision imports."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - a CUDA build beside a CPU torch raises RuntimeError, not ImportError
+        pytest.skip(f"torchvision does not import ({type(e).__name__}: {str(e)[:80]}); no build matches this CPU "
+                    "torch, and qwen_vl_utils and Qwen2VLProcessor need it for the reference inputs")
+    import torch
+    from omegaconf import OmegaConf
+    from qwen_vl_utils import process_vision_info
+    from qwen_vl_utils import smart_resize as reference_smart_resize
+    from transformers import AutoProcessor
+
+    from gill.annotate.backends import make_backend
+    from gill.annotate.sources import load_image
+
+    cfg = OmegaConf.to_container(_cfg(data, tmp_path / "unused.jsonl"), resolve=True)
+    backend = make_backend(cfg["backend"], cfg["prompts"])
+    b = cfg["backend"]
+    processor = AutoProcessor.from_pretrained(data["model"], min_pixels=b["min_pixels"], max_pixels=b["max_pixels"])
+    rng = np.random.default_rng(0)
+    caption = "一只橘猫趴在沙发上"
+    for w, h in [(100, 100), (640, 480), (37, 900), (1920, 1080), (300, 2000)]:
+        assert smart_resize(h, w, backend.factor, b["min_pixels"], b["max_pixels"]) == reference_smart_resize(
+            h, w, backend.factor, b["min_pixels"], b["max_pixels"])
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        image.save(tmp_path / "im.png")
+        row = load_image({"id": "x", "path": str(tmp_path / "im.png")}, factor=backend.factor,
+                         min_pixels=b["min_pixels"], max_pixels=b["max_pixels"])
+        ours = {k: v.cpu() for k, v in backend.build_inputs([row["pixels"]], [caption]).items()}
+        messages = [{"role": "user", "content": [
+            {"type": "image", "image": image, "min_pixels": b["min_pixels"], "max_pixels": b["max_pixels"]},
+            {"type": "text", "text": backend.prompt.format(caption=caption)}]}]
+        images, _ = process_vision_info(messages, image_patch_size=backend.patch_size)
+        assert np.array_equal(np.asarray(images[0]), row["pixels"])  # the same resize, bit for bit
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ref = processor(text=[text], images=images, padding=True, return_tensors="pt")
+        for key in ("input_ids", "attention_mask", "image_grid_thw"):
+            assert torch.equal(ours[key], ref[key]), (w, h, key)
+        torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"].to(ours["pixel_values"].dtype))
