@@ -224,7 +224,7 @@ def check_model_path(cfg: Mapping[str, Any]) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"backend.model_path={path}: {'no config.json in that directory' if path.is_dir() else 'no such directory'}"
-            "; download the checkpoint first (e.g. huggingface-cli download Qwen/Qwen2-VL-7B-Instruct "
+            "; download the checkpoint first (e.g. hf download Qwen/Qwen2-VL-7B-Instruct "
             "--local-dir checkpoints/Qwen2-VL-7B-Instruct); the annotator never fetches from the hub")
 
 
