@@ -446,3 +446,5 @@ def test_check_cli_reports_each_reason_and_fails(root):
     assert report["dropped_objects"] == {"bad_bbox": 1}
     bad = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
     assert bad.returncode == 1 and "size_mismatch: 1" in bad.stdout and "FAILED" in bad.stdout
+    (root / "empty.jsonl").write_text("\n", encoding="utf-8")
+    assert not check(root / "empty.jsonl", root)["ok"]  # an empty file is no data set

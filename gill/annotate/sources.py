@@ -278,9 +278,11 @@ def iter_items(source: Mapping[str, Any]) -> Iterator[dict]:
         return read_img2dataset(source["path"], source.get("image_root"),
                                 id_prefix=source.get("id_prefix") or "wukong")
     if kind in ("tsv", "csv"):
-        return read_pairs(source["path"], source["image_root"], delimiter="\t" if kind == "tsv" else ",",
-                          id_prefix=source.get("id_prefix") or "img")
+        return read_pairs(source["path"], source.get("image_root") or str(Path(source["path"]).parent),
+                          delimiter="\t" if kind == "tsv" else ",", id_prefix=source.get("id_prefix") or "img")
     if kind == "webdataset":
+        if not source.get("image_root"):
+            raise ValueError("source.kind=webdataset needs source.image_root: the folder its images are extracted into")
         return read_webdataset(source["path"], source["image_root"], id_prefix=source.get("id_prefix") or "wds")
     raise ValueError(f"unknown source kind {kind!r}; expected img2dataset, tsv, csv or webdataset")
 

@@ -108,7 +108,7 @@ def check(path: str | Path, image_root: str | Path | None = None, bbox_unit: str
               "bad_by_reason": dict(sorted(by_reason.items())),
               "dropped_objects": dict(sorted(ds.dropped_objects.items())),
               "notices": dict(sorted(ds.notices.items())), "examples": dict(examples)}
-    report["ok"] = not bad and not ds.dropped_objects
+    report["ok"] = n_lines > 0 and not bad and not ds.dropped_objects
     return report
 
 
@@ -118,7 +118,8 @@ def format_report(r: dict) -> str:
     lines += [f"  bad: {k}: {v}   e.g. {', '.join(r['examples'].get(k, []))}" for k, v in r["bad_by_reason"].items()]
     lines += [f"  dropped object: {k}: {v}" for k, v in r["dropped_objects"].items()]
     lines += [f"  note: {k}: {v}" for k, v in r["notices"].items()]
-    lines.append("OK" if r["ok"] else "FAILED: fix or filter the records above")
+    lines.append("OK" if r["ok"] else "FAILED: no records" if not r["records"] else
+                 "FAILED: fix or filter the records above")
     return "\n".join(lines)
 
 
