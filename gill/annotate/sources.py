@@ -73,7 +73,7 @@ def not_utf8(*texts: str) -> bool:
     return any("\ufffd" in t or any("\udc80" <= ch <= "\udcff" for ch in t) for t in texts)
 
 
-def _bad_encoding(id_: str, where: str) -> str:
+def _bad_encoding(where: str) -> str:
     return f"bad_encoding: {where}: not UTF-8 (convert the file, e.g. iconv -f GBK -t UTF-8)"
 
 
@@ -117,7 +117,7 @@ def read_pairs(path: str, image_root: str, *, delimiter: str = "\t", id_prefix: 
             if cols["id"] is not None and row[cols["id"]].strip():
                 id_ = row[cols["id"]].strip()
             if not_utf8(*row):
-                yield _item(_printable(id_), _printable(image), _printable(caption), _bad_encoding(id_, where))
+                yield _item(_printable(id_), _printable(image), _printable(caption), _bad_encoding(where))
                 continue
             if not caption:
                 yield _item(id_, error=f"malformed_row: {where}: empty caption")
@@ -197,7 +197,7 @@ def _img2dataset_item(row: Mapping[str, Any], shard: str, image_root: str, id_pr
         detail = str(row.get("error_message") or "no message")
         return _item(id_, caption=_printable(caption), error=f"{status or 'failed'}: {detail}", url=url)
     if not_utf8(caption):
-        return _item(id_, caption=_printable(caption), error=_bad_encoding(id_, f"shard {shard}"), url=url)
+        return _item(id_, caption=_printable(caption), error=_bad_encoding(f"shard {shard}"), url=url)
     if not caption.strip():
         return _item(id_, error=f"malformed_row: shard {shard} key {row.get('key')}: empty caption", url=url)
     rel, full = resolve_inside(image_root, f"{shard}/{row['key']}.jpg")
@@ -220,7 +220,7 @@ def _join_tar(rows: list[dict], tar: str, shard: str, image_root: str, id_prefix
             caption = _decode_text(sample.get("txt")) if "txt" in sample else row.get("caption")
             if caption is None:
                 yield _item(stable_id(id_prefix, str(row.get("url") or key), ""),
-                            error=_bad_encoding(key, f"{tar} {key}.txt"))
+                            error=_bad_encoding(f"{tar} {key}.txt"))
                 continue
             if ext is None:
                 yield _item(stable_id(id_prefix, str(row.get("url") or key), caption),
@@ -257,7 +257,7 @@ def read_webdataset(pattern: str, extract_root: str, *, id_prefix: str = "wds") 
                 caption = _decode_text(sample["txt"]) if "txt" in sample else str(meta.get("caption") or "")
                 ref = str(meta.get("url") or f"{stem}/{key}")
                 if caption is None:
-                    yield _item(stable_id(id_prefix, ref, ""), error=_bad_encoding(key, f"{shard} {key}.txt"))
+                    yield _item(stable_id(id_prefix, ref, ""), error=_bad_encoding(f"{shard} {key}.txt"))
                     continue
                 caption = caption.strip()
                 id_ = stable_id(id_prefix, ref, caption)
