@@ -3,3 +3,7 @@
 Entry points: ``train_ds.py`` (training), ``python -m gill.annotate`` (layout data), ``python -m gill.inference``,
 ``python -m gill.params`` (parameter tables), ``python -m gill.plan`` (memory planner).
 """
+
+from gill import quiet as _quiet
+
+_quiet.install()  # known harmless third-party warnings only, each by its message (gill/quiet.py)

@@ -188,7 +188,8 @@ def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):
     (data / records[3]["image"]).write_bytes(b"this is not a PNG")  # fails only when decoded
     escape = {**records[0], "id": "escapes", "image": "../outside.png"}
     jsonl.write_text("\n".join([json.dumps(r) for r in records] + ["{not json", json.dumps(escape)]) + "\n")
-    cfg = cfg_for(tiny_stack_dir, tmp_path / "c", "data=layout", f"data.path={jsonl}", "data.random_flip=0")
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "c", "data=layout", f"data.path={jsonl}", "data.random_flip=0",
+                  "data.val=null")  # every record in the training set (data=layout holds out a validation split)
     manifest = build_cache(cfg)
     assert manifest["skipped"] == {"undecodable_image": 1}
     assert manifest["source_skipped"] == {"invalid_json": 1, "image_path_escapes_root": 1}

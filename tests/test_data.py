@@ -345,3 +345,106 @@ def test_build_dataset(root):
     assert len(lay2) == 1
     with pytest.raises(ValueError):
         build_dataset({"name": "webdataset"}, 32, 0)
+
+
+def test_non_utf8_lines_are_rejected_and_bom_accepted(root):
+    path = root / "layout.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _rec("bom").encode("utf-8") + b"\n"
+                     + _rec("gbk", caption="一只狗").encode("gbk") + b"\n"
+                     + _rec("latin", caption="café", objects=[{"label": "café", "bbox": [0.1, 0.1, 0.5, 0.5]}]).encode("latin-1") + b"\n"
+                     + _rec("replaced", caption="一只\ufffd猫").encode("utf-8") + b"\n")
+    ds = LayoutDataset(path, root, resolution=32)
+    assert [r["id"] for r in ds.records] == ["bom"]
+    assert ds.skipped == {"bad_encoding": 3}
+    assert [ln for ln, _, _ in ds.skipped_records] == [2, 3, 4]
+
+
+def test_implausible_units_and_size_mismatch_and_empty_records(root, caplog):
+    _png(root / "images" / "big.png", size=(200, 60))
+    lines = [
+        _rec("norm_as_1000", bbox_unit="1000"),                       # every coordinate <= 1
+        _rec("norm_as_pixel", bbox_unit="pixel"),
+        _rec("ok_1000", bbox_unit="1000", objects=[{"label": "猫", "bbox": [100, 100, 500, 500]}]),
+        _rec("wrong_size", image="images/big.png"),                   # declares 80x60
+        _rec("no_objects", objects=[]),
+    ]
+    ds = LayoutDataset(_write(root, lines), root, resolution=32, random_flip=0.0)
+    assert ds.skipped == {"implausible_bbox_unit": 2}
+    assert ds.notices == {"records_without_objects": 1}
+    with caplog.at_level(logging.WARNING, logger="gill.data.layout"):
+        assert ds[1]["id"] == "no_objects"  # wrong_size is replaced by the next item
+    assert ds.skipped["size_mismatch"] == 1
+    assert any("200x60" in r.getMessage() and "80x60" in r.getMessage() for r in caplog.records)
+
+
+def test_boxes_cropped_away_are_counted(root, caplog):
+    _png(root / "images" / "wide.png", size=(300, 60))
+    objects = [{"label": "左", "bbox": [0.0, 0.1, 0.05, 0.9]}, {"label": "中", "bbox": [0.4, 0.1, 0.6, 0.9]}]
+    lines = [_rec("edge", image="images/wide.png", width=300, height=60, objects=objects[:1]),
+             _rec("both", image="images/wide.png", width=300, height=60, objects=objects)]
+    ds = LayoutDataset(_write(root, lines), root, resolution=32, random_flip=0.0)  # centre crop keeps the middle
+    with caplog.at_level(logging.WARNING, logger="gill.data.layout"):
+        assert ds[0]["objects"] == [] and len(ds[1]["objects"]) == 1
+        ds[0]
+    assert ds.dropped_objects == {"cropped_out": 3}
+    assert ds.notices["all_objects_cropped_out"] == 2
+    assert sum("shrink to nothing" in r.getMessage() for r in caplog.records) == 2  # once per record
+
+
+def test_layout_config_holds_out_a_validation_split(root):
+    from hydra import compose, initialize_config_dir
+
+    _png(root / "images" / "a.png")
+    path = _write(root, [_rec(f"r{i}") for i in range(200)])
+    conf = os.path.join(os.path.dirname(__file__), "..", "conf")
+    with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
+        cfg = compose("config", overrides=["data=layout", f"data.path={path}", "data.val_fraction=0.1"])
+        other = compose("config", overrides=["data=layout", f"data.path={path}", f"data.val.path={path}.val"])
+    train = build_dataset(cfg.data, 32, 0)
+    val = build_dataset(cfg.data.val, 32, 0)
+    ids_train, ids_val = {r["id"] for r in train.records}, {r["id"] for r in val.records}
+    assert not ids_train & ids_val and len(ids_train | ids_val) == 200
+    assert 8 <= len(ids_val) <= 40 and val.transform.random_flip == 0.0
+    # deterministic, and a record keeps its side when the file grows
+    path2 = _write(root, [_rec(f"r{i}") for i in range(300)])
+    assert path2 == path
+    assert ids_val <= {r["id"] for r in build_dataset(cfg.data.val, 32, 0).records}
+    # validation from another file: training keeps every record
+    (root / "layout.jsonl.val").write_text(_rec("v0") + "\n", encoding="utf-8")
+    assert len(build_dataset(other.data, 32, 0)) == 300
+    assert [r["id"] for r in build_dataset(other.data.val, 32, 0).records] == ["v0"]
+
+
+def test_check_cli_reports_each_reason_and_fails(root):
+    import subprocess
+    import sys
+
+    from gill.data.check import check, record_schema
+
+    assert record_schema()["required"] == ["id", "image", "caption", "width", "height", "objects"]
+    good = [_rec("g1"), _rec("g2", objects=[{"label": "猫", "bbox": [100, 100, 500, 500]}], bbox_unit="1000")]
+    path = _write(root, good)
+    repo = os.path.join(os.path.dirname(__file__), "..")
+    cmd = [sys.executable, "-m", "gill.data.check", f"data.path={path}", f"data.image_root={root}"]
+    ok = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stdout + ok.stderr
+
+    _png(root / "images" / "big.png", size=(90, 60))
+    path = _write(root, good + [
+        _rec("extra_key", annotator="qwen"),                          # schema: annotator must be an object
+        _rec("miss", image="images/missing.png"),
+        _rec("size", image="images/big.png"),                         # declares 80x60
+        _rec("unit", bbox_unit="pixel"),                              # all coordinates <= 1 in pixels
+        _rec("badbox", objects=[{"label": "猫", "bbox": [0.5, 0.1, 0.2, 0.6]}]),
+    ])
+    with open(path, "ab") as f:
+        f.write(_rec("gbk", caption="一只狗").encode("gbk") + b"\n")
+    report = check(path, root)
+    assert not report["ok"] and report["records"] == 8 and report["bad_records"] == 5
+    assert report["bad_by_reason"] == {"bad_encoding": 1, "implausible_bbox_unit": 1, "missing_image": 1,
+                                       "schema:annotator:type": 1, "size_mismatch": 1}
+    assert report["dropped_objects"] == {"bad_bbox": 1}
+    bad = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+    assert bad.returncode == 1 and "size_mismatch: 1" in bad.stdout and "FAILED" in bad.stdout
+    (root / "empty.jsonl").write_text("\n", encoding="utf-8")
+    assert not check(root / "empty.jsonl", root)["ok"]  # an empty file is no data set

@@ -15,7 +15,8 @@ Two drivers share :class:`gill.annotate.worker.AnnotateWorker`:
   model (the GPU machine here cannot carry Ray).
 * ``ray.enabled=true`` — Ray Data: ``from_items`` → ``map(load_image)`` (CPU tasks: decoding and resizing
   stay off the GPU actors) → ``map_batches(AnnotateWorker, compute=ActorPoolStrategy(size=n),
-  num_gpus=1, batch_size=...)``; the driver streams results with ``iter_batches`` and writes them itself
+  num_gpus=1 (0 on a cluster without GPUs), batch_size=...)``; :func:`plan_ray_actors` fits ``n`` to the
+  cluster first; the driver streams results with ``iter_batches`` and writes them itself
   rather than ``write_json``, because only a single appending writer gives the resume guarantee above.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +33,6 @@ from typing import Any, Iterable, Iterator, Mapping
 from gill.annotate.filters import FILTER_NAMES
 from gill.annotate.sources import iter_items, load_image
 
-_ITEM_KEYS = ("id", "image", "caption", "error", "path", "data")
 
 
 # --------------------------------------------------------------------------- files
@@ -100,7 +101,9 @@ def pending_items(cfg: Mapping[str, Any], done: set[str], stats: Counter) -> lis
         # every item has every key so Ray infers one schema for the block
         items.append({"id": item["id"], "image": item.get("image", ""), "caption": item.get("caption", ""),
                       "error": item.get("error", ""), "path": item.get("path", "") or "",
-                      "data": item.get("data", b"") or b""})
+                      "data": item.get("data", b"") or b"",
+                      "declared_width": int(item.get("declared_width") or 0),
+                      "declared_height": int(item.get("declared_height") or 0)})
         if limit and len(items) >= int(limit):
             break
     return items
@@ -149,6 +152,37 @@ class _RayLoad:
         return load_image(row, **self.kwargs)
 
 
+def plan_ray_actors(rc: Mapping[str, Any], cluster: Mapping[str, float]) -> tuple[int, float, float]:
+    """``(actors, GPUs per actor, CPUs per actor)`` that fit ``cluster`` (``ray.cluster_resources()``).
+
+    ``num_gpus_per_actor: null`` takes a GPU per actor when the cluster has GPUs and none otherwise, so the
+    same config runs on a laptop. The image-decoding tasks need ``num_cpus_per_task`` beside the actors,
+    or the pipeline would wait forever. Fails when not even one actor fits; warns and starts fewer when
+    only some do.
+    """
+    gpus, cpus = float(cluster.get("GPU", 0.0)), float(cluster.get("CPU", 0.0))
+    per_gpu = rc.get("num_gpus_per_actor")
+    per_gpu = (1.0 if gpus >= 1 else 0.0) if per_gpu is None else float(per_gpu)
+    per_cpu, per_task = float(rc["num_cpus_per_actor"]), float(rc["num_cpus_per_task"])
+    want = int(rc["num_actors"])
+    fit = want
+    if per_gpu > 0:
+        fit = min(fit, int(gpus / per_gpu + 1e-9))
+    if per_cpu > 0:
+        fit = min(fit, int(max(cpus - per_task, 0.0) / per_cpu + 1e-9))
+    elif per_task > cpus:
+        fit = 0
+    if fit < 1:
+        raise RuntimeError(
+            f"ray: no annotation actor fits the cluster ({cpus:g} CPU, {gpus:g} GPU): each actor needs "
+            f"{per_gpu:g} GPU and {per_cpu:g} CPU, plus {per_task:g} CPU for image decoding. Set "
+            "ray.num_gpus_per_actor=0 to run on CPU, lower ray.num_cpus_per_actor, or add machines")
+    if fit < want:
+        warnings.warn(f"ray: {want} actors requested but only {fit} fit the cluster ({cpus:g} CPU, {gpus:g} "
+                      f"GPU; {per_gpu:g} GPU + {per_cpu:g} CPU each); starting {fit}", stacklevel=2)
+    return fit, per_gpu, per_cpu
+
+
 def _run_ray(cfg, items) -> Iterator[dict]:
     import ray
     from ray.data import ActorPoolStrategy
@@ -169,16 +203,29 @@ def _run_ray(cfg, items) -> Iterator[dict]:
         ctx.enable_progress_bars = False  # the driver has its own bar
         bs = int(cfg["batch_size"])
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 200)) or 1)
+        actors, per_gpu, per_cpu = plan_ray_actors(rc, ray.cluster_resources())
         ds = ds.map(_RayLoad(_load_kwargs(cfg, _backend_factor(cfg))), num_cpus=float(rc["num_cpus_per_task"]))
         ds = ds.map_batches(
             AnnotateWorker, fn_constructor_kwargs={"cfg": cfg}, batch_size=bs, batch_format="numpy",
-            compute=ActorPoolStrategy(size=int(rc["num_actors"])),
-            num_gpus=float(rc["num_gpus_per_actor"]), num_cpus=float(rc["num_cpus_per_actor"]))
+            compute=ActorPoolStrategy(size=actors), num_gpus=per_gpu, num_cpus=per_cpu)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             yield {k: list(v) for k, v in batch.items()}
     finally:
         if started:
             ray.shutdown()
+
+
+def check_model_path(cfg: Mapping[str, Any]) -> None:
+    """Fail before any output file exists when the model directory is not there (hours later is too late)."""
+    b = cfg["backend"]
+    if b.get("model_path") is None:
+        raise ValueError("backend.model_path is not set: give the local directory of the Qwen-VL checkpoint")
+    path = Path(str(b["model_path"]))
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"backend.model_path={path}: {'no config.json in that directory' if path.is_dir() else 'no such directory'}"
+            "; download the checkpoint first (e.g. hf download Qwen/Qwen2-VL-7B-Instruct "
+            "--local-dir checkpoints/Qwen2-VL-7B-Instruct); the annotator never fetches from the hub")
 
 
 def run_annotation(cfg: Mapping[str, Any], worker_factory=None, print_summary: bool = True) -> dict:
@@ -187,6 +234,8 @@ def run_annotation(cfg: Mapping[str, Any], worker_factory=None, print_summary: b
 
     cfg = _plain(cfg)
     t0 = time.perf_counter()
+    if worker_factory is None:  # a given worker brings its own model
+        check_model_path(cfg)
     out_path, err_path, summary_path = output_paths(cfg)
     stats: Counter = Counter()
     done = repair_and_read_ids(out_path) | repair_and_read_ids(err_path)

@@ -55,8 +55,12 @@ def build_dataset(data_cfg, resolution: int, seed: int):
 
     ``name: synthetic`` (``num_samples``, ``seed``, ``min_objects``, ``max_objects``, ``split``)
     or ``name: layout`` (``path``, ``image_root`` — default: the JSONL's folder —, ``center_crop``,
-    ``random_flip``, ``max_objects``, ``bbox_unit``). ``seed`` is the training seed; a synthetic
-    config's own ``seed`` (which fixes *what* the data is) takes precedence over it.
+    ``random_flip``, ``max_objects``, ``bbox_unit``, ``split``, ``val_fraction``). ``seed`` is the
+    training seed; a synthetic config's own ``seed`` (which fixes *what* the data is) takes precedence.
+
+    Held-out validation for a layout file: the training config's ``val`` reads the same ``path`` with
+    ``split: val``, and the training set leaves those records out (``split: train``). A ``val`` that
+    points at another file reads all of it, and the training set keeps every record.
     """
     name = data_cfg.get("name")
     if name == "synthetic":
@@ -73,6 +77,7 @@ def build_dataset(data_cfg, resolution: int, seed: int):
         if not path:
             raise ValueError("data.path must point at a layout JSONL (DESIGN §7)")
         image_root = data_cfg.get("image_root") or Path(path).parent
+        split, fraction = _layout_split(data_cfg, path)
         return LayoutDataset(
             path, image_root, resolution,
             center_crop=bool(data_cfg.get("center_crop", True)),
@@ -80,5 +85,25 @@ def build_dataset(data_cfg, resolution: int, seed: int):
             seed=seed,
             max_objects=int(data_cfg.get("max_objects", 30)),
             bbox_unit=data_cfg.get("bbox_unit", "norm"),
+            split=split, val_fraction=fraction,
         )
     raise ValueError(f"unknown data.name {name!r}; expected 'synthetic' or 'layout'")
+
+
+def _same_file(a, b) -> bool:
+    return bool(a) and bool(b) and Path(str(a)).resolve() == Path(str(b)).resolve()
+
+
+def _layout_split(data_cfg, path) -> tuple[str, float]:
+    """``(split, val_fraction)`` of a layout config: a split only when validation comes from the same file."""
+    fraction = float(data_cfg.get("val_fraction") or 0.0)
+    split = data_cfg.get("split") or "all"
+    if fraction <= 0.0 or split == "all":
+        return "all", 0.0
+    if split == "val":
+        source = data_cfg.get("holdout_of") or path
+        return ("val", fraction) if _same_file(source, path) else ("all", 0.0)
+    val = data_cfg.get("val")
+    if val and val.get("name") == "layout" and _same_file(val.get("path"), path):
+        return "train", fraction
+    return "all", 0.0

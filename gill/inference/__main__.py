@@ -89,19 +89,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_caption(args) -> int:
+def open_image(path: str, skipped: list[str]):
+    """The RGB image at ``path``, or ``None`` (warned on stderr, appended to ``skipped``) when it cannot
+    be read: one bad file in a folder of thousands must not cost the others their output."""
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files; each means "skip it"
+        print(f"warning: skipping unreadable image {path}: {type(e).__name__}: {e}", file=sys.stderr)
+        skipped.append(path)
+        return None
+
+
+def _report_skipped(skipped: list[str], total: int) -> int:
+    if skipped:
+        print(f"skipped {len(skipped)} of {total} images (unreadable)", file=sys.stderr)
+    return 1 if total and len(skipped) == total else 0
+
+
+def cmd_caption(args) -> int:
     from gill.inference.captioning import caption
 
     model = _load(args)
+    skipped: list[str] = []
     for start in range(0, len(args.images), args.batch_size):
-        paths = args.images[start : start + args.batch_size]
-        images = [Image.open(p).convert("RGB") for p in paths]
-        texts = caption(model, images, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-        for p, t in zip(paths, texts):
+        loaded = [(p, open_image(p, skipped)) for p in args.images[start : start + args.batch_size]]
+        loaded = [(p, im) for p, im in loaded if im is not None]
+        if not loaded:
+            continue
+        texts = caption(model, [im for _, im in loaded], max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        for (p, _), t in zip(loaded, texts):
             print(json.dumps({"image": p, "caption": t}, ensure_ascii=False))
-    return 0
+    return _report_skipped(skipped, len(args.images))
 
 
 def cmd_retrieve(args) -> int:
@@ -111,9 +132,16 @@ def cmd_retrieve(args) -> int:
 
     model = _load(args)
     if args.action == "build":
-        index = RetrievalIndex.build(model, args.images, batch_size=args.batch_size)
+        from gill.inference.retrieval import list_images
+
+        paths, skipped = list_images(args.images), []
+        readable = [p for p in paths if open_image(p, skipped) is not None]
+        if not readable:
+            raise SystemExit(f"no readable images under {args.images}")
+        index = RetrievalIndex.build(model, readable, batch_size=args.batch_size)
         index.save(args.index)
-        print(json.dumps({"index": args.index, "images": len(index)}, ensure_ascii=False))
+        print(json.dumps({"index": args.index, "images": len(index), "skipped": len(skipped)}, ensure_ascii=False))
+        _report_skipped(skipped, len(paths))
     elif args.action == "text":
         index = RetrievalIndex.load(args.index)
         for text, hits in zip(args.texts, index.query_text(model, args.texts, k=args.k)):

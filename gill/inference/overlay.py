@@ -53,21 +53,21 @@ def draw_layout(
     """A copy of ``image`` with each ``(label, normalized x1,y1,x2,y2)`` box outlined and labelled.
 
     The label sits on a filled tab in the box's colour just inside the top-left corner, so it stays
-    on the canvas for boxes touching the top edge.
+    on the canvas for boxes touching the top edge. All tabs are drawn before any outline, so no tab
+    (a box's own, or a neighbour's) ever hides a box edge.
     """
     out = image.convert("RGB")  # convert() copies: the caller's image is never drawn on
     w, h = out.size
     line_width = line_width or max(1, round(min(w, h) / 128))
     font = load_font(font_size or max(10, round(min(w, h) / 24)))
     draw = ImageDraw.Draw(out)
-    for i, (label, box) in enumerate(objects):
-        color = PALETTE[i % len(PALETTE)]
-        # x2 = 1.0 maps to pixel w, one past the canvas: clamp so border-touching edges stay visible
-        x1, y1 = box[0] * w, box[1] * h
-        x2, y2 = min(box[2] * w, w - 1), min(box[3] * h, h - 1)
-        draw.rectangle((x1, y1, x2, y2), outline=color, width=line_width)
+    # x2 = 1.0 maps to pixel w, one past the canvas: clamp so border-touching edges stay visible
+    rects = [(box[0] * w, box[1] * h, min(box[2] * w, w - 1), min(box[3] * h, h - 1)) for _, box in objects]
+    for i, ((label, _), (x1, y1, _, _)) in enumerate(zip(objects, rects)):
         if label:
             l, t, r, b = draw.textbbox((x1 + line_width, y1 + line_width), label, font=font)
-            draw.rectangle((l - 1, t - 1, r + 1, b + 1), fill=color)
+            draw.rectangle((l - 1, t - 1, r + 1, b + 1), fill=PALETTE[i % len(PALETTE)])
             draw.text((x1 + line_width, y1 + line_width), label, font=font, fill=(255, 255, 255))
+    for i, rect in enumerate(rects):
+        draw.rectangle(rect, outline=PALETTE[i % len(PALETTE)], width=line_width)
     return out
