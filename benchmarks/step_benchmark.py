@@ -86,6 +86,8 @@ VARIANTS = {
                           compile=True),
     "tuned-z2+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
                              compile=True),
+    "tuned-z2+compile-ro": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
+                                compile=True, compile_mode="reduce-overhead"),
     "z2+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=False,
                        compile=True),
 }
@@ -119,13 +121,11 @@ def expandable_segments(on: bool, device):
 
 # Rows that run the real trainer (launch/train_1gpu.sh -> DeepSpeed launcher -> train_ds.py) on one GPU,
 # tabulated from its metrics.jsonl by benchmarks/scaling.py. Overrides come after the script's own.
-ZERO2_TORCH_ADAM = ["deepspeed=zero2", "+deepspeed.overrides.optimizer.params.torch_adam=true",
-                    "+deepspeed.overrides.optimizer.params.fused=true"]
 TRAINER_RECIPES = {
-    "offload": dict(overrides=["deepspeed=zero2_offload"], env={}),
-    "z2": dict(overrides=ZERO2_TORCH_ADAM, env={}),
-    "z2+es": dict(overrides=ZERO2_TORCH_ADAM, env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-    "launch": dict(overrides=[], env={}),  # launch/train_1gpu.sh exactly as it stands
+    "launch": dict(overrides=[], env={}),  # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU)
+    "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
+    "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }
 
 
@@ -277,7 +277,11 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     # The default rows compile as configured (model.compile); the others as their spec says.
     cfg.model.compile = cfg.model.get("compile", False) if engine_kind == "default" else bool(spec.get("compile"))
     torch.manual_seed(0)
+    import gill.compile
+
+    gill.compile.MODE = spec.get("compile_mode")
     model = GillModel(stack, cfg.model)
+    gill.compile.MODE = None
     compiled = model.compiled_regions
     set_checkpointing(model, ckpt_unet, ckpt_te)
     cpu_copies: dict = {}
@@ -416,7 +420,7 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
 
     cap, res, recipe, mb, steps = spec.split(":")
     rec = TRAINER_RECIPES[recipe]
-    run_dir = out_dir / "trainer" / f"{recipe}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
+    run_dir = out_dir / "trainer" / f"{recipe.replace('+', '_')}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = ["model=kolors_random", f"train.resolution={res}", f"train.micro_batch_size={mb}",
                  "train.grad_accum=1", *rec["overrides"], *args.trainer_overrides]
