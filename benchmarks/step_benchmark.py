@@ -24,7 +24,15 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned+compile``  tuned + regional ``torch.compile`` (``model.compile``, :mod:`gill.compile`: ChatGLM layers,
              UNet resnets, the attention/feed-forward modules of the UNet's 70 transformer blocks)
 ``fast-compile``  fast-nockpt + the same regional compile (the MFU row)
+``tuned-z2+compile``  tuned+compile with ZeRO-2 keeping the optimizer state on the GPU (the 24 GB recipe, cached)
+``tuned-z2+compile-ro``  the same with the regions compiled in ``mode="reduce-overhead"`` (CUDA graphs)
+``z2+compile``  tuned-z2+compile from images (no encoder cache)
+``<any>+es``  the variant with the allocator's expandable segments, for that row only
 ==========  ==============================================================================================
+
+``--trainer-rows cap:res:recipe:mb:steps,...`` also runs the real trainer (``launch/train_1gpu.sh``, recipes in
+``TRAINER_RECIPES``) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
+as a row. Every row reports its timed steps (``--steps``, default 10) and the allocator's retries in them.
 
 DeepSpeed rows run the trainer's own ``gill.trainer.optimizer_step``. With the optimizer offloaded
 they use the DeepSpeed config's optimizer (``DeepSpeedCPUAdam``, what the recipe trains with; JIT-built
