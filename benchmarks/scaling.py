@@ -38,13 +38,14 @@ def parse_rows(spec: str) -> list[tuple[int, int, float]]:
     return rows
 
 
-def launch(gpus: int, steps: int, minutes: float, cap: float, out: Path, overrides: list[str]) -> tuple[int, float]:
-    """Run the launch script on ``gpus`` devices; returns (exit code, wall seconds). Log in ``out``.log."""
+def launch(gpus: int, steps: int, minutes: float, cap: float, out: Path, overrides: list[str],
+           script: str = "train_3gpu.sh") -> tuple[int, float]:
+    """Run ``launch/<script>`` on ``gpus`` devices; returns (exit code, wall seconds). Log in ``out``.log."""
     env = dict(os.environ, NUM_GPUS=str(gpus))
     # The `deepspeed` of this interpreter (a venv, or a --target install's bin/) must come first on PATH.
     bins = [str(Path(sys.executable).parent)] + [str(Path(p) / "bin") for p in env.get("PYTHONPATH", "").split(":") if p]
     env["PATH"] = ":".join(bins + [env.get("PATH", "")])
-    cmd = ["bash", str(ROOT / "launch" / "train_3gpu.sh"), f"train.output_dir={out}", f"train.max_steps={steps}",
+    cmd = ["bash", str(ROOT / "launch" / script), f"train.output_dir={out}", f"train.max_steps={steps}",
            f"train.time_limit_min={minutes}", f"train.gpu_memory_cap_gib={cap}", "train.save_every=0",
            "train.log_every=1", "data.val=null", *overrides]
     t0 = time.perf_counter()

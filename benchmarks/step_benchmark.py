@@ -24,7 +24,15 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned+compile``  tuned + regional ``torch.compile`` (``model.compile``, :mod:`gill.compile`: ChatGLM layers,
              UNet resnets, the attention/feed-forward modules of the UNet's 70 transformer blocks)
 ``fast-compile``  fast-nockpt + the same regional compile (the MFU row)
+``tuned-z2+compile``  tuned+compile with ZeRO-2 keeping the optimizer state on the GPU (the 24 GB recipe, cached)
+``tuned-z2+compile-ro``  the same with the regions compiled in ``mode="reduce-overhead"`` (CUDA graphs)
+``z2+compile``  tuned-z2+compile from images (no encoder cache)
+``<any>+es``  the variant with the allocator's expandable segments, for that row only
 ==========  ==============================================================================================
+
+``--trainer-rows cap:res:recipe:mb:steps,...`` also runs the real trainer (``launch/train_1gpu.sh``, recipes in
+``TRAINER_RECIPES``) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
+as a row. Every row reports its timed steps (``--steps``, default 10) and the allocator's retries in them.
 
 DeepSpeed rows run the trainer's own ``gill.trainer.optimizer_step``. With the optimizer offloaded
 they use the DeepSpeed config's optimizer (``DeepSpeedCPUAdam``, what the recipe trains with; JIT-built
@@ -84,6 +92,48 @@ VARIANTS = {
                          compile=True),
     "tuned+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True,
                           compile=True),
+    "tuned-z2+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
+                             compile=True),
+    "tuned-z2+compile-ro": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
+                                compile=True, compile_mode="reduce-overhead"),
+    "z2+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=False,
+                       compile=True),
+}
+# Any variant + "+es": the same with the allocator's expandable segments (PYTORCH_CUDA_ALLOC_CONF=
+# expandable_segments:True), switched on for that row only.
+ES_SUFFIX = "+es"
+
+
+def variant_spec(name: str) -> dict:
+    if name.endswith(ES_SUFFIX) and name[: -len(ES_SUFFIX)] in VARIANTS:
+        return dict(VARIANTS[name[: -len(ES_SUFFIX)]], es=True)
+    return VARIANTS[name]
+
+
+@contextlib.contextmanager
+def expandable_segments(on: bool, device):
+    """The caching allocator's expandable segments for one row: new segments grow in place instead of
+    a fresh cudaMalloc per size class, so a capped card fragments less (fewer free-and-retry rounds)."""
+    if not on or device.type != "cuda":
+        yield
+        return
+    torch.cuda.empty_cache()
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    try:
+        yield
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.memory._set_allocator_settings("expandable_segments:False")
+
+
+# Rows that run the real trainer (launch/train_1gpu.sh -> DeepSpeed launcher -> train_ds.py) on one GPU,
+# tabulated from its metrics.jsonl by benchmarks/scaling.py. Overrides come after the script's own.
+TRAINER_RECIPES = {
+    "launch": dict(overrides=[], env={}),  # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU)
+    "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
+    "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }
 
 
@@ -225,7 +275,7 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     from gill.model import GillModel
     from gill.trainer import optimizer_step
 
-    spec = VARIANTS[variant]
+    spec = variant_spec(variant)
     modes = ["captioning", "retrieval", "generation"]
     ckpt_unet = cfg.model.gradient_checkpointing.unet if spec["ckpt_unet"] is None else spec["ckpt_unet"]
     ckpt_te = cfg.model.gradient_checkpointing.text_encoder if spec["ckpt_te"] is None else spec["ckpt_te"]
@@ -235,7 +285,11 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     # The default rows compile as configured (model.compile); the others as their spec says.
     cfg.model.compile = cfg.model.get("compile", False) if engine_kind == "default" else bool(spec.get("compile"))
     torch.manual_seed(0)
+    import gill.compile
+
+    gill.compile.MODE = spec.get("compile_mode")
     model = GillModel(stack, cfg.model)
+    gill.compile.MODE = None
     compiled = model.compiled_regions
     set_checkpointing(model, ckpt_unet, ckpt_te)
     cpu_copies: dict = {}
@@ -244,9 +298,9 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     flat = engine_kind != "torch" and spec.get("flat", bool(cfg.train.flat_params))
     row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
                engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"],
-               flat=flat, compile=bool(cfg.model.compile))
+               flat=flat, compile=bool(cfg.model.compile), expandable=bool(spec.get("es")))
     try:
-        with ctx:
+        with expandable_segments(bool(spec.get("es")), device), ctx:
             model.adapter.to(device, dtype)
             model.train()
             batch = make_batch(cfg.model.name, res, mb, spec["cached"], device, dtype, args.caption_repeat)
@@ -302,12 +356,20 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
                 if device.type == "cuda":
                     torch.cuda.synchronize()
 
-            for _ in range(args.warmup + args.steps):
+            retries = {}
+            for i in range(args.warmup + args.steps):
+                if i == args.warmup and device.type == "cuda":
+                    retries["start"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
                 t0 = time.perf_counter()
                 one_step()
                 steps.append(time.perf_counter() - t0)
             timed = steps[args.warmup:]
             dt = statistics.median(timed)
+            if device.type == "cuda":
+                # free-everything-and-retry rounds of the caching allocator (each a device sync + cudaFree)
+                row["alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries["start"]
+            row["steps_timed"] = len(timed)
+            row["samples_per_s_mean"] = mb * len(timed) / sum(timed)
             row.update(
                 status="ok",
                 step_s=dt,
@@ -337,11 +399,12 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     try:
         spec = f"{cap:g}:{res}:{variant}:{mb}"
         wanted = spec in args.profile.split(",")
-        profile_path = Path(args.out_dir) / f"profile_{variant}_{res}_mb{mb}.txt" if wanted else None
+        safe = variant.replace("+", "_")  # the device's file transfer refuses "+" in names
+        profile_path = Path(args.also_out or args.out_dir) / f"profile_{safe}_{res}_mb{mb}.txt" if wanted else None
         row = run_one(stack, cfg, variant, res, mb, args, device, dtype, profile_path)
     except Exception as e:  # noqa: BLE001 - an OOM (or a failure) is a row
-        row = dict(variant=variant, res=res, mb=mb, cached=VARIANTS[variant]["cached"],
-                   ckpt_unet=VARIANTS[variant]["ckpt_unet"], ckpt_te=VARIANTS[variant]["ckpt_te"],
+        vs = variant_spec(variant)
+        row = dict(variant=variant, res=res, mb=mb, cached=vs["cached"], ckpt_unet=vs["ckpt_unet"], ckpt_te=vs["ckpt_te"],
                    status="OOM" if is_oom(e) else f"error: {type(e).__name__}", error=str(e)[:500])
         if device.type == "cuda":
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
@@ -356,6 +419,37 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     log(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "error"}),
         row.get("error", "")[:200])
     return row
+
+
+def trainer_row(spec: str, args, out_dir: Path) -> dict:
+    """``cap:res:recipe:mb:steps``: the real trainer on one GPU, steady state after ``--trainer-warmup`` steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scaling
+
+    cap, res, recipe, mb, steps = spec.split(":")
+    rec = TRAINER_RECIPES[recipe]
+    run_dir = out_dir / "trainer" / f"{recipe.replace('+', '_')}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    overrides = ["model=kolors_random", f"train.resolution={res}", f"train.micro_batch_size={mb}",
+                 "train.grad_accum=1", *rec["overrides"], *args.trainer_overrides]
+    saved = {k: os.environ.get(k) for k in rec["env"]}
+    os.environ.update(rec["env"])
+    try:
+        rc, wall = scaling.launch(1, int(steps), args.trainer_minutes, float(cap), run_dir, overrides,
+                                  script="train_1gpu.sh")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    row = dict(variant=f"trainer:{recipe}", res=int(res), mb=int(mb), cap_gib=float(cap) or None, wall_s=wall,
+               command="launch/train_1gpu.sh " + " ".join(overrides), env=rec["env"], cached=False)
+    metrics = run_dir / "metrics.jsonl"
+    if rc != 0 or not metrics.exists():
+        tail = Path(f"{run_dir}.log").read_text(errors="replace")[-600:] if Path(f"{run_dir}.log").exists() else ""
+        return dict(row, status="OOM" if "out of memory" in tail.lower() else f"error: exit {rc}", error=tail)
+    sm = scaling.summarize(metrics, 1, args.trainer_warmup)
+    return dict(row, status="ok", samples_per_s=sm["samples_per_s"], step_s=sm["step_s_median"],
+                steps_timed=sm["steady_steps"], peak_reserved_gib=sm["gpu_reserved_peak_gib"][0],
+                peak_alloc_gib=sm["gpu_peak_gib"][0], ms_per_mode={}, losses=sm["losses_first_last"])
 
 
 def is_oom(e: BaseException) -> bool:
@@ -431,8 +525,8 @@ def fmt_table(rows: list[dict], meta: dict) -> str:
         "regional torch.compile.",
         "",
         "| run | cap | res | strategy | mb | ckpt U/T | cached | flat | compiled | status | peak reserved GiB | samples/s | "
-        "ms per mode (cap / ret / gen / other) | MFU |",
-        "|---|---|---:|---|---:|---|---|---|---|---|---:|---:|---|---:|",
+        "ms per mode (cap / ret / gen / other) | MFU | timed steps | alloc retries |",
+        "|---|---|---:|---|---:|---|---|---|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in rows:
         cap = f"{r['cap_gib']} GiB" if r.get("cap_gib") else "none"
@@ -440,19 +534,25 @@ def fmt_table(rows: list[dict], meta: dict) -> str:
         flat = {True: "Y", False: "N", None: "-"}[r.get("flat")]
         comp = "Y" if r.get("compile", "compile" in r["variant"]) else "N"
         ck = f"{ck} | {'Y' if r.get('cached') else 'N'} | {flat} | {comp}"
+        if r["variant"].startswith("trainer:"):  # the recipe's own settings (see the command in the JSON)
+            ck = "Y/N | N | Y | Y"
+        extra = f" | {r.get('steps_timed', '-')} | {r.get('alloc_retries', '-')} |"
         if r.get("status") == "ok":
             mp = r["ms_per_mode"]
             other = mp.get("joint_backward", mp.get("optimizer"))
             ms = " / ".join(f"{mp.get(k, 0):.0f}" for k in ("captioning", "retrieval", "generation"))
             ms += f" / {other:.0f}" if other is not None else " / -"
+            if not mp:  # trainer rows: the step's median instead
+                ms = f"step {1e3 * r['step_s']:.0f} ms"
             mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
             lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | ok | "
-                         f"{r.get('peak_reserved_gib', float('nan')):.2f} | {r['samples_per_s']:.3f} | {ms} | {mfu} |")
+                         f"{r.get('peak_reserved_gib', float('nan')):.2f} | {r['samples_per_s']:.3f} | {ms} | {mfu}"
+                         + extra)
         else:
             pk = r.get("peak_reserved_gib")
             pk = f"{pk:.2f}" if pk is not None else "-"
             lines.append(f"| {r.get('run', 1)} | {cap} | {r['res']} | {r['variant']} | {r['mb']} | {ck} | "
-                         f"{r['status']} | {pk} | - | - | - |")
+                         f"{r['status']} | {pk} | - | - | -" + extra)
     return "\n".join(lines) + "\n"
 
 
@@ -492,13 +592,19 @@ def main(argv=None):
     ap.add_argument("--capped-max-mb", type=int, default=4)
     ap.add_argument("--compile-res", default="1024", help="tuned+compile: resolutions to run it at")
     ap.add_argument("--compile-max-mb", type=int, default=1, help="tuned+compile: largest micro-batch (each recompiles)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per row (after --warmup)")
     ap.add_argument("--caption-repeat", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new row after this many seconds")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks"))
     ap.add_argument("--also-out", default=os.environ.get("OUT", ""), help="second copy of the results ($OUT)")
     ap.add_argument("--rows", default="", help="explicit rows cap:res:variant:mb,... instead of the grid")
+    ap.add_argument("--trainer-rows", default="",
+                    help="cap:res:recipe:mb:steps,... - rows that run the real trainer (recipes: "
+                    + ", ".join(TRAINER_RECIPES) + "); run first, before this process loads its stack")
+    ap.add_argument("--trainer-warmup", type=int, default=10, help="trainer rows: first steps left out")
+    ap.add_argument("--trainer-minutes", type=float, default=6.0, help="trainer rows: time limit of each run")
+    ap.add_argument("--trainer-overrides", nargs="*", default=[], help="trainer rows: extra Hydra overrides")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the composed config")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
     ap.add_argument("--notes", default="")
@@ -509,6 +615,10 @@ def main(argv=None):
     if args.merge:
         return merge(args.merge, Path(args.out_dir), args.notes, args.first_run)
     t_start = time.perf_counter()
+    out_dir, also = Path(args.out_dir), (Path(args.also_out) if args.also_out else None)
+    trainer_rows = [trainer_row(spec, args, also or out_dir) for spec in filter(None, args.trainer_rows.split(","))]
+    for r in trainer_rows:
+        log(json.dumps({k: v for k, v in r.items() if k != "error"}), r.get("error", "")[-300:])
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     model_name = "tiny" if args.tiny else "kolors_random"
@@ -526,7 +636,6 @@ def main(argv=None):
         total_gib=(torch.cuda.get_device_properties(0).total_memory / GiB) if device.type == "cuda" else None,
     )
     log(f"stack built in {meta['stack_build_s']:.1f}s, {static:.2f} GiB on {device}")
-    out_dir, also = Path(args.out_dir), (Path(args.also_out) if args.also_out else None)
     resolutions = [int(r) for r in args.resolutions.split(",")]
     if args.tiny:
         resolutions = [64]
@@ -539,6 +648,11 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             log(f"flop count {res} failed: {type(e).__name__}: {str(e)[:300]}")
         cleanup(device)
+    for r in trainer_rows:
+        fl = meta["flops"].get(str(r["res"]))
+        if r["status"] == "ok" and fl:
+            r["mfu"] = fl * r["samples_per_s"] / PEAK_BF16_FLOPS
+        rows.append(r)
     write(rows, meta, out_dir, also)
 
     if args.rows:

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 REGIONS = ("GLMBlock", "ResnetBlock2D")
+# torch.compile mode of every region (None: the default). "reduce-overhead" adds CUDA graphs: measured
+# as a benchmark variant only (benchmarks/step_benchmark.py, "-ro" rows), not a config option yet.
+MODE: str | None = None
 SUBMODULES_OF = {"BasicTransformerBlock": ("attn1", "attn2", "ff")}
 
 
@@ -42,5 +45,5 @@ def compile_regions(*roots: nn.Module) -> list[nn.Module]:
             elif kind in SUBMODULES_OF:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
     for m in targets:
-        m.forward = torch.compile(m.forward, dynamic=None)  # automatic dynamic: see the module docstring
+        m.forward = torch.compile(m.forward, dynamic=None, mode=MODE)  # automatic dynamic: see the module docstring
     return targets

@@ -429,7 +429,8 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
         # no-grad peaks before the UNet runs: ChatGLM's prompt encoding keeps every layer's hidden
         # states (output_hidden_states); the VAE encoder's full-resolution maps (raw images only)
         prompt = (te.config.num_layers + 1) * b * int(mc.prompt_max_length) * te.config.hidden_size * esize
-        vae_enc = 0 if cached else VAE_ENCODE_MAPS * b * vae.config.block_out_channels[0] * res * res * esize
+        # gill.model.vae_posterior encodes one image at a time: the peak does not grow with the micro-batch
+        vae_enc = 0 if cached else VAE_ENCODE_MAPS * vae.config.block_out_channels[0] * res * res * esize
         acts["generation"] = ModeActivation(saved, max(backward, prompt, vae_enc - saved),
                                             {"chatglm": img[0], "unet": su, "vae_encode": vae_enc, "prompt": prompt})
     return acts

@@ -19,9 +19,12 @@ def cap_gpu_memory(device: torch.device, cap_gib: float | None) -> float | None:
     the GPU)."""
     if device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    # torch 2.11 refuses torch.device("cuda") without an index here ("Expected a cuda device with a
+    # specified index"): resolve it to the current device.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, float(cap_gib) * GiB / total) if cap_gib else 1.0
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     return fraction
 
 
