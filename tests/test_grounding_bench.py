@@ -73,7 +73,7 @@ def test_render_validation_images(tiny_stack, tmp_path):
         assert [p.parent.name for p in paths] == ["step_00000007"] * 2
         assert all(p.is_file() for p in paths)
     finally:
-        model.adapter.spatial.detach()  # the session stack is shared: leave its UNet unhooked
+        model.adapter.spatial.detach()  # the stack fixture is shared by every test: leave its UNet unhooked
 
 
 def test_adapter_beats_no_adapter(tmp_path):

@@ -27,7 +27,7 @@ def test_scaling_runs_the_launch_script_on_1_and_2_ranks(tiny_stack_dir, tmp_pat
 
 
 def test_stored_h200_records_give_the_documented_table():
-    d = ROOT / "benchmarks" / "scaling"
+    d = ROOT / "benchmarks" / "results" / "scaling"
     proc = subprocess.run(
         [sys.executable, str(SCALING), "--from-metrics",
          f"1={d / 'run1_metrics_1gpu.jsonl'},3={d / 'run1_metrics_3gpu.jsonl'},3={d / 'run1_metrics_3gpu_long.jsonl'}"],
