@@ -201,9 +201,9 @@ def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):
 
 
 def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env):
-    """The README's two commands: build with `python -m gill.cache`, train with cache.dir set."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "python -m gill.cache" in readme and "cache.dir" in readme
+    """The two commands of docs/encoder_cache.md: build with `python -m gill.cache`, train with cache.dir set."""
+    page = (ROOT / "docs" / "encoder_cache.md").read_text(encoding="utf-8")
+    assert "python -m gill.cache" in page and "cache.dir" in page
     common = [f"model.pretrained_path={tiny_stack_dir}", f"cache.dir={tmp_path / 'c'}", "data.num_samples=8"]
     proc = subprocess.run([sys.executable, "-m", "gill.cache", *common], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
