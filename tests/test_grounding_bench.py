@@ -76,6 +76,7 @@ def test_render_validation_images(tiny_stack, tmp_path):
         model.adapter.spatial.detach()  # the stack fixture is shared by every test: leave its UNet unhooked
 
 
+@pytest.mark.slow
 def test_adapter_beats_no_adapter(tmp_path):
     """The reduced benchmark. The margin is asserted on colour-agnostic placement (of all object-coloured
     pixels, the fraction inside the requested boxes, and how much of the boxes they cover): the adapter

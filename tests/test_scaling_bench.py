@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALING = ROOT / "benchmarks" / "scaling.py"
 
 
+@pytest.mark.slow
 def test_scaling_runs_the_launch_script_on_1_and_2_ranks(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "table.md"
     proc = subprocess.run(
