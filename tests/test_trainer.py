@@ -60,6 +60,7 @@ def named_trainables(model, fn) -> dict:
     return out
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-2 offload engines vs plain PyTorch: 2 min for both on a loaded 2-core box
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
 def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir, flat):
     """3 modes x grad_accum 2, per-mode backward, CPU-offloaded optimizer: the first update is
