@@ -5,7 +5,7 @@
     deepspeed --num_gpus=3 train_ds.py model=kolors model.pretrained_path=... data=layout data.path=...
     torchrun --nproc_per_node=2 train_ds.py train.max_steps=100
 
-See the README for the config reference, launch scripts, sweeps and resume.
+Config reference: docs/configuration.md; launch scripts, sweeps and resume: docs/launching.md.
 """
 import sys
 

@@ -1,6 +1,6 @@
-"""Shared pytest fixtures: the tiny frozen Kolors stack, built once per test session.
+"""Shared pytest fixtures: the tiny frozen Kolors stack, built once per pytest run.
 
-`tiny_stack_dir` builds the tiny diffusers-format directory (gill.tiny_stack) into a session tmp dir
+`tiny_stack_dir` builds the tiny diffusers-format directory (gill.tiny_stack) into a tmp dir of the run
 through the same race-safe cache path production uses; `tiny_stack` loads it back with
 `gill.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
 """

@@ -137,6 +137,7 @@ def test_resume_skips_done_ids(data, single_run):
     assert out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_killed_half_way_then_rerun_equals_uninterrupted(data, single_run):
     out = data["root"] / "killed" / "layout.jsonl"
     args = [f"source.path={data['root'] / 'pairs.tsv'}", f"source.image_root={data['images']}",
@@ -157,6 +158,7 @@ def test_killed_half_way_then_rerun_equals_uninterrupted(data, single_run):
             == ref.with_name("layout.errors.jsonl").read_text(encoding="utf-8"))
 
 
+@pytest.mark.slow
 def test_ray_two_actors_matches_single_process(data, single_run):
     ray = pytest.importorskip("ray")
     from gill.annotate import run_annotation

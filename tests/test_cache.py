@@ -201,10 +201,11 @@ def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):
     assert ids == [r["id"] for i, r in enumerate(records) if i != 3], "no substitute, no duplicate"
 
 
+@pytest.mark.slow
 def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env):
-    """The README's two commands: build with `python -m gill.cache`, train with cache.dir set."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert "python -m gill.cache" in readme and "cache.dir" in readme
+    """The two commands of docs/encoder_cache.md: build with `python -m gill.cache`, train with cache.dir set."""
+    page = (ROOT / "docs" / "encoder_cache.md").read_text(encoding="utf-8")
+    assert "python -m gill.cache" in page and "cache.dir" in page
     common = [f"model.pretrained_path={tiny_stack_dir}", f"cache.dir={tmp_path / 'c'}", "data.num_samples=8"]
     proc = subprocess.run([sys.executable, "-m", "gill.cache", *common], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
@@ -223,6 +224,7 @@ def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env)
     assert any(r["split"] == "val" for r in train)
 
 
+@pytest.mark.slow
 def test_two_rank_build_gives_the_same_cache_and_unlisted_shards_are_adopted(tiny_stack_dir, tmp_path, child_env,
                                                                             free_port):
     """`torchrun --nproc_per_node=2 -m gill.cache`: the ranks split the shards, rank 0 writes the

@@ -77,9 +77,10 @@ def test_render_validation_images(tiny_stack, tmp_path):
         # the second one is non-square (3:4 landscape), the tiny stack's 64 px enlarged 4x for the labels
         assert [Image.open(p).size for p in paths] == [(256, 256), (256, 192)]
     finally:
-        model.adapter.spatial.detach()  # the session stack is shared: leave its UNet unhooked
+        model.adapter.spatial.detach()  # the stack fixture is shared by every test: leave its UNet unhooked
 
 
+@pytest.mark.slow
 def test_adapter_beats_no_adapter(tmp_path):
     """The reduced benchmark. The margin is asserted on colour-agnostic placement (of all object-coloured
     pixels, the fraction inside the requested boxes, and how much of the boxes they cover): the adapter

@@ -47,7 +47,7 @@ def artifact(tiny_stack, tmp_path_factory):
 
     cfg = _tiny_cfg()
     model = GillModel(tiny_stack, cfg)
-    model.adapter.spatial.detach()  # the session stack is shared with other tests: leave its UNet unhooked
+    model.adapter.spatial.detach()  # the stack fixture is shared with other tests: leave its UNet unhooked
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.adapter.named_parameters():

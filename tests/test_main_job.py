@@ -6,11 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # each test runs train_ds.py in a child process
 
 
 def fixed_batch_losses(adapter_file=None) -> tuple[dict, dict]:

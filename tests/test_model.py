@@ -205,6 +205,7 @@ def mode_gradients(model, batch) -> dict:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
     """model.compile (the Kolors default): same gradients as eager, hooks outside the graphs."""
     eager = mode_gradients(make_model(tiny_stack_dir), batch)

@@ -108,6 +108,7 @@ def test_plan_matches_measurement_within_10_percent(tiny_stack_dir, overrides):
     assert abs(planned_total - measured_total) <= 0.10 * measured_total
 
 
+@pytest.mark.slow  # plans the full Kolors configuration on the meta device (~12 s)
 def test_plan_cli_says_whether_it_fits(capsys):
     from gill.plan import main
 

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SCALING = ROOT / "benchmarks" / "scaling.py"
 
 
+@pytest.mark.slow
 def test_scaling_runs_the_launch_script_on_1_and_2_ranks(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "table.md"
     proc = subprocess.run(
@@ -27,7 +30,7 @@ def test_scaling_runs_the_launch_script_on_1_and_2_ranks(tiny_stack_dir, tmp_pat
 
 
 def test_stored_h200_records_give_the_documented_table():
-    d = ROOT / "benchmarks" / "scaling"
+    d = ROOT / "benchmarks" / "results" / "scaling"
     proc = subprocess.run(
         [sys.executable, str(SCALING), "--from-metrics",
          f"1={d / 'run1_metrics_1gpu.jsonl'},3={d / 'run1_metrics_3gpu.jsonl'},3={d / 'run1_metrics_3gpu_long.jsonl'}"],

@@ -60,6 +60,7 @@ def named_trainables(model, fn) -> dict:
     return out
 
 
+@pytest.mark.slow  # DeepSpeed ZeRO-2 offload engines vs plain PyTorch: 2 min for both on a loaded 2-core box
 @pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
 def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir, flat):
     """3 modes x grad_accum 2, per-mode backward, CPU-offloaded optimizer: the first update is
@@ -215,6 +216,7 @@ def test_contradictions_are_refused_naming_both_values():
         build_ds_config(cfg, 1, on_gpu=False)
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
     t0 = time.time()
     proc = subprocess.run(
@@ -232,6 +234,7 @@ def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
 # ---- two ranks --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
     """Two real ranks: negatives from both, validation on rank 0 without a hang, identical replicas,
     one run folder; then the same run split by a resume (each rank its own random stream) is exact."""
@@ -285,6 +288,7 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
 # ---- resume ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
     common = ("train.max_steps=6", "train.save_every=2", "train.keep_last=5", "train.seed=3")
     straight = tmp_path / "straight"
@@ -328,6 +332,7 @@ def test_resume_after_kill_is_exact(tiny_stack_dir, tmp_path, child_env):
         assert torch.equal(t, b[k]), k
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(tiny_stack_dir, out, "train.max_steps=1000", "train.save_every=0"),
@@ -344,6 +349,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path
     assert 1 <= int(latest.name.split("_")[1]) < 1000
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_time_limit_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     proc = subprocess.run(train_cmd(tiny_stack_dir, out, "train.max_steps=1000", "train.save_every=0",
@@ -354,6 +360,7 @@ def test_time_limit_finishes_the_step_saves_and_exits_zero(tiny_stack_dir, tmp_p
     assert CheckpointManager(out).latest().name == "step_00000001" and (out / "adapter.safetensors").exists()
 
 
+@pytest.mark.slow  # train_ds.py in a child process
 def test_profile_writes_tables_and_trace_of_the_chosen_steps(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     proc = subprocess.run(train_cmd(tiny_stack_dir, out, "train.max_steps=3", "train.save_every=0",
