@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from gill import modes
+from gill.adapter import GillAdapter
 
 GLOBAL, R, H, V, D = 6, 2, 8, 5, 4  # samples, [IMG] tokens, LLM width, vision width, retrieval width
 
@@ -21,6 +22,9 @@ class Heads(nn.Module):
         torch.manual_seed(0)
         self.text_proj, self.image_proj = nn.Linear(H, D), nn.Linear(V, D)
         self.logit_scale = nn.Parameter(torch.tensor([2.0]))
+
+    retrieval_embedding = "first"
+    text_embedding = GillAdapter.text_embedding  # the adapter's own [IMG] -> embedding step
 
     def scale(self):
         return self.logit_scale.exp()
@@ -35,13 +39,14 @@ def loss_and_grads(rows: slice):
     """The project's retrieval loss on ``rows`` of the global batch; the heads' gradients."""
     hidden, vision = global_batch()
     heads = Heads()
-    model = SimpleNamespace(adapter=heads, vision_features=lambda batch: vision[rows])
-    original = modes.img_token_hidden
-    modes.img_token_hidden = lambda model, captions: hidden[rows]  # ChatGLM's [IMG] states, given
+    model = SimpleNamespace(adapter=heads, vision_features=lambda batch: vision[rows], lm_loss_weight=0.5)
+    original = modes.img_token_forward
+    # ChatGLM's [IMG] states, given; the LM loss is per rank and local (no negatives): zero here
+    modes.img_token_forward = lambda model, captions, lm_loss=False: (hidden[rows], {"lm_loss": torch.zeros(())})
     try:
         out = modes.retrieval(model, {"captions": ["-"] * len(range(GLOBAL)[rows])})
     finally:
-        modes.img_token_hidden = original
+        modes.img_token_forward = original
     out["loss"].backward()
     return out, {n: p.grad for n, p in heads.named_parameters()}
 
