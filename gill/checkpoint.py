@@ -281,8 +281,10 @@ def full_fp32_state(adapter: torch.nn.Module) -> dict[str, torch.Tensor]:
     for name, p in adapter.named_parameters():
         full = safe_get_full_fp32_param(p) if hasattr(p, "_hp_mapping") else None
         state[name] = (full if full is not None else p.detach()).float().cpu().contiguous()
+    saved = adapter.state_dict().keys()  # persistent buffers only (the vocabulary norm is recomputed at load)
     for name, b in adapter.named_buffers():
-        state[name] = b.detach().float().cpu().contiguous()
+        if name in saved:
+            state[name] = b.detach().float().cpu().contiguous()
     flat = getattr(adapter, "flat_params", None)
     return flat.expand(state) if flat is not None else state
 

@@ -261,7 +261,8 @@ def _run_chatglm_nomask(te, embeds):
 
 
 def trace_lm_head(te: nn.Module, n_rows: int, dtype, device="meta") -> tuple[int, int]:
-    """Captioning's vocabulary head + fp32 cross-entropy on n_rows positions."""
+    """The vocabulary head + fp32 cross-entropy on n_rows labelled positions (captioning's caption CE, and the
+    [IMG] modes' GILL LM loss on the caption and [IMG0]; the r [IMG] output columns are negligible)."""
     import torch.nn.functional as F
 
     with torch.device(device):
@@ -411,16 +412,19 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
     vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = res // vae_factor
     acts: dict[str, ModeActivation] = {}
+    # every mode has one next-token CE over the caption's tokens + one (the caption's end, or [IMG0])
+    head, head_big = trace_lm_head(te, b * (int(mc.caption_max_tokens) + 1), dtype)
     if "captioning" in modes:
         s, big = trace_chatglm(te, b, seqs["captioning"], dtype, ck_te)
-        s2, big2 = trace_lm_head(te, b * (int(mc.caption_max_tokens) + 1), dtype)
-        acts["captioning"] = ModeActivation(s + s2, int(TRANSIENT_FACTOR * max(big, big2)),
-                                            {"chatglm": s, "lm_head": s2})
+        acts["captioning"] = ModeActivation(s + head, int(TRANSIENT_FACTOR * max(big, head_big)),
+                                            {"chatglm": s, "lm_head": head})
     img = None
     if "retrieval" in modes or "generation" in modes:
-        img = trace_chatglm(te, b, seqs["img"], dtype, ck_te)
+        s, big = trace_chatglm(te, b, seqs["img"], dtype, ck_te)
+        img = (s + head, max(big, head_big))
     if "retrieval" in modes:
-        acts["retrieval"] = ModeActivation(img[0], int(TRANSIENT_FACTOR * img[1]), {"chatglm": img[0]})
+        acts["retrieval"] = ModeActivation(img[0], int(TRANSIENT_FACTOR * img[1]), {"chatglm": img[0] - head,
+                                                                                     "lm_head": head})
     if "generation" in modes:
         su, bigu = trace_unet(unet, adapter, b, latent, int(mc.adapter.spatial.max_objects), int(mc.prompt_max_length),
                               dtype, ck_unet)
@@ -432,7 +436,8 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
         # gill.model.vae_posterior encodes one image at a time: the peak does not grow with the micro-batch
         vae_enc = 0 if cached else VAE_ENCODE_MAPS * vae.config.block_out_channels[0] * res * res * esize
         acts["generation"] = ModeActivation(saved, max(backward, prompt, vae_enc - saved),
-                                            {"chatglm": img[0], "unet": su, "vae_encode": vae_enc, "prompt": prompt})
+                                            {"chatglm": img[0] - head, "lm_head": head, "unet": su,
+                                             "vae_encode": vae_enc, "prompt": prompt})
     return acts
 
 
