@@ -35,7 +35,7 @@ def recall_at_k(sim: torch.Tensor, k: int) -> float:
 @torch.no_grad()
 def embed_pairs(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized (text, image) retrieval embeddings of a batch."""
-    txt = model.adapter.text_proj(modes.img_token_hidden(model, batch["captions"])).mean(dim=1)
+    txt = modes.text_embedding(model, batch["captions"])  # as the retrieval mode embeds a caption
     img = model.adapter.image_proj(model.vision_features(batch))
     return F.normalize(txt.float(), dim=-1), F.normalize(img.float(), dim=-1)
 
