@@ -9,8 +9,8 @@ Config reference: docs/configuration.md; launch scripts, sweeps and resume: docs
 """
 import sys
 
-from gill.distributed import strip_local_rank
-from gill.recipe import hydra_rank_overrides
+from gill.training.distributed import strip_local_rank
+from gill.training.recipe import hydra_rank_overrides
 
 # The deepspeed launcher appends --local_rank=N, which Hydra would reject.
 sys.argv = strip_local_rank(sys.argv) + hydra_rank_overrides()
@@ -22,8 +22,8 @@ from hydra.types import RunMode  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> None:
-    from gill.distributed import shutdown
-    from gill.recipe import run
+    from gill.training.distributed import shutdown
+    from gill.training.recipe import run
 
     run(cfg, HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a one-process sweep's next job reuses the group

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The "what fits where" table of docs/performance.md, from the memory planner (gill.plan).
+"""The "what fits where" table of docs/performance.md, from the memory planner (gill.tools.plan).
 
     python benchmarks/fits_table.py > /tmp/fits.md
 
@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gill.plan import GiB, plan  # noqa: E402
+from gill.tools.plan import GiB, plan  # noqa: E402
 
 CARDS = [("24 GB x1", 24, 1), ("24 GB x3", 24, 3), ("48 GB", 48, 1), ("80 GB", 80, 1), ("141 GB (H200)", 139.8, 1)]
 RECIPES = {  # the Kolors config (conf/model/kolors.yaml): UNet checkpointed, ChatGLM not, compiled

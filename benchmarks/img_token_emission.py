@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from gill import modes as M  # noqa: E402
+from gill.models import modes as M  # noqa: E402
 from gill.data.collate import collate_layout  # noqa: E402
 from gill.data.synthetic import SyntheticLayoutDataset  # noqa: E402
 from gill.inference.interleaved import img_emission  # noqa: E402
-from gill.model import GillModel  # noqa: E402
-from gill.stack import load_stack  # noqa: E402
+from gill.models.model import GillModel  # noqa: E402
+from gill.models.stack import load_stack  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

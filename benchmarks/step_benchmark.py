@@ -13,7 +13,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
              the adapter trained as one flat tensor, ``train.flat_params``)
 ``default-pertensor``  default with ``train.flat_params=false`` (DeepSpeed sees ~600 adapter tensors)
 ``default-te-nockpt``  default without gradient checkpointing of ChatGLM (its sequences are short)
-``default+cache``  default reading cached VAE latents / CLIP features (``python -m gill.cache``): the frozen
+``default+cache``  default reading cached VAE latents / CLIP features (``python -m gill.tools.build_encoder_cache``): the frozen
              VAE and CLIP leave the GPU
 ``tuned``    default + the levers that measured well: cached VAE latents / CLIP features (the frozen
              VAE and CLIP leave the GPU), selective checkpointing (UNet only)
@@ -21,7 +21,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned-torch``  tuned with a plain torch AdamW on the GPU instead of DeepSpeed
 ``fast-nockpt``  tuned-z2 without checkpointing (uncapped, large micro-batch: the MFU row)
 ``tuned-nockpt``   tuned without any checkpointing (for the uncapped, large-micro-batch rows)
-``tuned+compile``  tuned + regional ``torch.compile`` (``model.compile``, :mod:`gill.compile`: ChatGLM layers,
+``tuned+compile``  tuned + regional ``torch.compile`` (``model.compile``, :mod:`gill.training.compile`: ChatGLM layers,
              UNet resnets, the attention/feed-forward modules of the UNet's 70 transformer blocks)
 ``fast-compile``  fast-nockpt + the same regional compile (the MFU row)
 ``tuned-z2+compile``  tuned+compile with ZeRO-2 keeping the optimizer state on the GPU (the 24 GB recipe, cached)
@@ -34,7 +34,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``TRAINER_RECIPES``) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
 as a row. Every row reports its timed steps (``--steps``, default 10) and the allocator's retries in them.
 
-DeepSpeed rows run the trainer's own ``gill.trainer.optimizer_step``. With the optimizer offloaded
+DeepSpeed rows run the trainer's own ``gill.training.trainer.optimizer_step``. With the optimizer offloaded
 they use the DeepSpeed config's optimizer (``DeepSpeedCPUAdam``, what the recipe trains with; JIT-built
 on first use, set ``TORCH_EXTENSIONS_DIR`` to keep the build); ``--client-adam`` swaps in torch AdamW.
 
@@ -68,7 +68,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gill.resources import GiB, cap_gpu_memory  # noqa: E402
+from gill.tools.resources import GiB, cap_gpu_memory  # noqa: E402
 
 PEAK_BF16_FLOPS = 790e12  # measured bf16 GEMM rate on this H200 (KINDS.md: 769-798 TFLOP/s)
 
@@ -231,8 +231,8 @@ class Timer:
 def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device, client_adam: bool):
     import deepspeed
 
-    from gill import distributed
-    from gill.ds_config import build_ds_config
+    from gill.training import distributed
+    from gill.training.ds_config import build_ds_config
 
     distributed.init(device)
     cfg = cfg.copy()
@@ -262,7 +262,7 @@ def build_ds_engine(cfg, model, mb: int, n_modes: int, ds_name: str, device, cli
 
 def write_profile(one_step, path: Path, device) -> None:
     """One more step under ``torch.profiler``: where the time goes, by CPU and by GPU time."""
-    from gill.profiling import make_profiler, profile_tables
+    from gill.tools.profiling import make_profiler, profile_tables
 
     with make_profiler(device) as prof:
         one_step()
@@ -272,8 +272,8 @@ def write_profile(one_step, path: Path, device) -> None:
 
 
 def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, profile_path: Path | None = None) -> dict:
-    from gill.model import GillModel
-    from gill.trainer import optimizer_step
+    from gill.models.model import GillModel
+    from gill.training.trainer import optimizer_step
 
     spec = variant_spec(variant)
     modes = ["captioning", "retrieval", "generation"]
@@ -285,11 +285,11 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     # The default rows compile as configured (model.compile); the others as their spec says.
     cfg.model.compile = cfg.model.get("compile", False) if engine_kind == "default" else bool(spec.get("compile"))
     torch.manual_seed(0)
-    import gill.compile
+    import gill.training.compile
 
-    gill.compile.MODE = spec.get("compile_mode")
+    gill.training.compile.MODE = spec.get("compile_mode")
     model = GillModel(stack, cfg.model)
-    gill.compile.MODE = None
+    gill.training.compile.MODE = None
     compiled = model.compiled_regions
     set_checkpointing(model, ckpt_unet, ckpt_te)
     cpu_copies: dict = {}
@@ -477,7 +477,7 @@ class FlopCount(__import__("torch.utils._python_dispatch", fromlist=["x"]).Torch
 
 def count_flops(stack, cfg, res: int, args, device, dtype) -> float:
     """Model FLOPs of one three-mode step per sample (forward + backward, no recompute, cached inputs)."""
-    from gill.model import GillModel
+    from gill.models.model import GillModel
 
     torch.manual_seed(0)
     model = GillModel(stack, cfg.model)
@@ -623,7 +623,7 @@ def main(argv=None):
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     model_name = "tiny" if args.tiny else "kolors_random"
     cfg = compose([f"model={model_name}", *args.overrides])
-    from gill.stack import load_stack
+    from gill.models.stack import load_stack
 
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     stack = load_stack(cfg.model, device=device, dtype=dtype)

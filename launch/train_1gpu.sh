@@ -2,7 +2,7 @@
 # One GPU, the 24 GB recipe (benchmarks/NOTES.md, "24 GiB card"): ZeRO-2 with the optimizer state on the GPU
 # (torch's fused AdamW, no CPU offload: 1.36x the offloaded step at micro-batch 4 under a 24 GiB cap), UNet
 # checkpointed, ChatGLM not, regional compile. Micro-batch 2 from images (~21.3 GiB reserved); 4 with the encoder
-# cache (cache.dir=..., `python -m gill.cache` first; ~23.4-23.6 GiB reserved). Later arguments override these.
+# cache (cache.dir=..., `python -m gill.tools.build_encoder_cache` first; ~23.4-23.6 GiB reserved). Later arguments override these.
 #   launch/train_1gpu.sh model.pretrained_path=/models/Kolors-diffusers model.vision_path=/models/clip-vit-large-patch14-336 \
 #       data=layout data.path=data/layout.jsonl [cache.dir=data/cache-1024 data.random_flip=0]
 set -euo pipefail

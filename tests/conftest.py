@@ -1,8 +1,8 @@
 """Shared pytest fixtures: the tiny frozen Kolors stack, built once per pytest run.
 
-`tiny_stack_dir` builds the tiny diffusers-format directory (gill.tiny_stack) into a tmp dir of the run
+`tiny_stack_dir` builds the tiny diffusers-format directory (gill.models.tiny_stack) into a tmp dir of the run
 through the same race-safe cache path production uses; `tiny_stack` loads it back with
-`gill.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
+`gill.models.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
 """
 import os
 from pathlib import Path
@@ -18,15 +18,15 @@ torch.set_num_threads(1)  # tests run on small, shared CPU boxes: 2 OpenMP threa
 
 @pytest.fixture(scope="session")
 def tiny_stack_dir(tmp_path_factory) -> str:
-    from gill.stack import ensure_tiny_stack
-    from gill.tiny_stack import TINY_VERSION
+    from gill.models.stack import ensure_tiny_stack
+    from gill.models.tiny_stack import TINY_VERSION
 
     return ensure_tiny_stack(str(tmp_path_factory.mktemp("gill-cache") / f"tiny-{TINY_VERSION}"))
 
 
 @pytest.fixture(scope="session")
 def tiny_stack(tiny_stack_dir):
-    from gill.stack import load_stack
+    from gill.models.stack import load_stack
 
     return load_stack({"name": "tiny", "pretrained_path": tiny_stack_dir, "dtype": "fp32"}, device="cpu")
 
@@ -43,6 +43,6 @@ def child_env() -> dict:
 @pytest.fixture
 def free_port() -> int:
     """A free TCP port for a launcher's rendezvous (torchrun's --master_port=0 hangs on a static rendezvous)."""
-    from gill.distributed import free_port as pick
+    from gill.training.distributed import free_port as pick
 
     return pick()

@@ -1,4 +1,4 @@
-"""The encoder cache (``python -m gill.cache``, gill/data/cache.py): shards and manifest hold what the
+"""The encoder cache (``python -m gill.tools.build_encoder_cache``, gill/data/encoder_cache.py): shards and manifest hold what the
 frozen encoders compute, an interrupted build resumes to the same bytes, a training step from the
 cache equals one from images, stale/incomplete caches and random augmentations are refused before
 any model loads, malformed records are skipped and counted."""
@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gill.cache import build_cache, compose_config
-from gill.data.cache import MANIFEST, CacheError, open_cache, read_shard_meta
+from gill.tools.build_encoder_cache import build_cache, compose_config
+from gill.data.encoder_cache import MANIFEST, CacheError, open_cache, read_shard_meta
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset, write_jsonl
-from gill.model import MODES, GillModel, clip_image_embeds, vae_posterior
-from gill.stack import load_frozen_encoders, load_stack
+from gill.models.model import MODES, GillModel, clip_image_embeds, vae_posterior
+from gill.models.stack import load_frozen_encoders, load_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,18 +147,18 @@ def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_p
 
 
 def test_stale_or_incomplete_cache_refused_before_any_model_loads(tiny_stack_dir, tmp_path, monkeypatch):
-    import gill.stack
-    from gill.recipe import run
+    import gill.models.stack
+    from gill.training.recipe import run
 
     build_cache(cfg_for(tiny_stack_dir, tmp_path / "c"))
 
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the cache was checked")
 
-    monkeypatch.setattr(gill.stack, "load_stack", no_model)
-    monkeypatch.setattr(gill.stack, "load_frozen_encoders", no_model)
+    monkeypatch.setattr(gill.models.stack, "load_stack", no_model)
+    monkeypatch.setattr(gill.models.stack, "load_frozen_encoders", no_model)
     out = f"train.output_dir={tmp_path / 'run'}"
-    with pytest.raises(CacheError, match=r"(?s)resolution: cache 64, config 128.*python -m gill.cache"):
+    with pytest.raises(CacheError, match=r"(?s)resolution: cache 64, config 128.*python -m gill.tools.build_encoder_cache"):
         run(cfg_for(tiny_stack_dir, tmp_path / "c", "train.resolution=128", out))
     with pytest.raises(CacheError, match="data.num_samples: cache 10, config 12"):
         run(cfg_for(tiny_stack_dir, tmp_path / "c", "data.num_samples=12", out))
@@ -203,11 +203,11 @@ def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):
 
 @pytest.mark.slow
 def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env):
-    """The two commands of docs/encoder_cache.md: build with `python -m gill.cache`, train with cache.dir set."""
+    """The two commands of docs/encoder_cache.md: build with `python -m gill.tools.build_encoder_cache`, train with cache.dir set."""
     page = (ROOT / "docs" / "encoder_cache.md").read_text(encoding="utf-8")
-    assert "python -m gill.cache" in page and "cache.dir" in page
+    assert "python -m gill.tools.build_encoder_cache" in page and "cache.dir" in page
     common = [f"model.pretrained_path={tiny_stack_dir}", f"cache.dir={tmp_path / 'c'}", "data.num_samples=8"]
-    proc = subprocess.run([sys.executable, "-m", "gill.cache", *common], cwd=ROOT, env=child_env,
+    proc = subprocess.run([sys.executable, "-m", "gill.tools.build_encoder_cache", *common], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 8
@@ -227,14 +227,14 @@ def test_cache_command_and_training_from_it(tiny_stack_dir, tmp_path, child_env)
 @pytest.mark.slow
 def test_two_rank_build_gives_the_same_cache_and_unlisted_shards_are_adopted(tiny_stack_dir, tmp_path, child_env,
                                                                             free_port):
-    """`torchrun --nproc_per_node=2 -m gill.cache`: the ranks split the shards, rank 0 writes the
+    """`torchrun --nproc_per_node=2 -m gill.tools.build_encoder_cache`: the ranks split the shards, rank 0 writes the
     manifest, and the cache is byte for byte the one a single process builds. A shard on disk that the
     manifest does not list (a kill between its rename and the manifest) is listed, not rebuilt."""
     common = [f"model.pretrained_path={tiny_stack_dir}", "data.num_samples=10", "cache.shard_size=2",
               "cache.batch_size=2"]
-    for name, launcher in (("one", [sys.executable, "-m", "gill.cache"]),
+    for name, launcher in (("one", [sys.executable, "-m", "gill.tools.build_encoder_cache"]),
                            ("two", [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                                    f"--master_port={free_port}", "-m", "gill.cache"])):
+                                    f"--master_port={free_port}", "-m", "gill.tools.build_encoder_cache"])):
         proc = subprocess.run([*launcher, *common, f"cache.dir={tmp_path / name}"], cwd=ROOT, env=child_env,
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]

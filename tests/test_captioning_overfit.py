@@ -6,11 +6,11 @@ The tiny ChatGLM is random, so four prefix embeddings alone cannot steer it; the
 along with the visual prefix (the loss's alignment is what is under test, not the frozen setup)."""
 import torch
 
-from gill import modes
+from gill.models import modes
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
 from gill.inference.captioning import caption
-from gill.model import GillModel
+from gill.models.model import GillModel
 
 
 def token_accuracy(tokenizer, refs: list[str], hyps: list[str]) -> float:

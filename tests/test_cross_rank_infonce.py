@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from gill import modes
-from gill.adapter import GillAdapter
+from gill.models import modes
+from gill.models.adapter import GillAdapter
 
 GLOBAL, R, H, V, D = 6, 2, 8, 5, 4  # samples, [IMG] tokens, LLM width, vision width, retrieval width
 

@@ -1,4 +1,4 @@
-"""``python -m gill.export``: a DeepSpeed checkpoint of a real (tiny, CPU) training run -> the same
+"""``python -m gill.tools.export``: a DeepSpeed checkpoint of a real (tiny, CPU) training run -> the same
 ``adapter.safetensors`` that training writes, with real tensor names, loadable for inference."""
 import json
 import subprocess
@@ -28,7 +28,7 @@ def test_export_checkpoint_equals_the_adapter_training_writes(tiny_stack_dir, tm
     merged = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     assert [k for k in merged if k.startswith("adapter.")] == ["adapter.flat"]
 
-    export = subprocess.run([sys.executable, "-m", "gill.export", str(ckpt), "--out", str(tmp_path / "a.safetensors")],
+    export = subprocess.run([sys.executable, "-m", "gill.tools.export", str(ckpt), "--out", str(tmp_path / "a.safetensors")],
                             capture_output=True, text=True, env=child_env, timeout=300, cwd=ROOT)
     assert export.returncode == 0, export.stderr[-3000:]
     got = load_file(str(tmp_path / "a.safetensors"))
@@ -42,7 +42,7 @@ def test_export_checkpoint_equals_the_adapter_training_writes(tiny_stack_dir, tm
 
     # zero_to_fp32's own output (saved as safetensors) converts the same way
     save_file({k: v.contiguous() for k, v in merged.items() if k.startswith("adapter.")}, str(tmp_path / "z.safetensors"))
-    from gill.export import export_checkpoint
+    from gill.tools.export import export_checkpoint
 
     export_checkpoint(tmp_path / "z.safetensors", tmp_path / "b.safetensors", config=out / "config.yaml")
     again = load_file(str(tmp_path / "b.safetensors"))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gill.flat_params import FlatParameters
+from gill.training.flat_params import FlatParameters
 
 
 class Net(nn.Module):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gill import modes
+from gill.models import modes
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
 from gill.inference.interleaved import continue_prompt, generate_for_text, img_emission
 from gill.inference.loading import load_trained, save_adapter
 from gill.inference.retrieval import RetrievalIndex
-from gill.model import GillModel
-from gill.stack import load_stack
+from gill.models.model import GillModel
+from gill.models.stack import load_stack
 
 MODEL_CFG = "conf/model/tiny.yaml"
 

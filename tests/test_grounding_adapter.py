@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gill.spatial_adapter import GatedSelfAttention
+from gill.models.spatial_adapter import GatedSelfAttention
 
 
 def _diffusers_fuser(dim, context_dim, heads, d_head):
@@ -75,8 +75,8 @@ def test_bottleneck_self_injection_keeps_two_gated_branches():
 
 # ---- non-square sizes ------------------------------------------------------------------------------
 def _model(tiny_stack_dir, injection):
-    from gill.model import GillModel
-    from gill.stack import load_stack
+    from gill.models.model import GillModel
+    from gill.models.stack import load_stack
 
     cfg = OmegaConf.load("conf/model/tiny.yaml")
     cfg.pretrained_path = tiny_stack_dir
@@ -130,8 +130,8 @@ def test_kolors_unet_at_520x704_uses_real_grids():
     attended at 33x44 and 17x22; guessing the grid from the token count turns 17x22 (374 tokens) into 17x23."""
     from diffusers import UNet2DConditionModel
 
-    from gill.spatial_adapter import SpatialAdapter
-    from gill.stack import KOLORS_UNET_CONFIG
+    from gill.models.spatial_adapter import SpatialAdapter
+    from gill.models.stack import KOLORS_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**KOLORS_UNET_CONFIG)
@@ -150,8 +150,8 @@ def test_self_injection_fits_the_budget_at_kolors_scale():
     (128 wide would be 68.5M; full width, diffusers' fuser, 1.81B)."""
     from diffusers import UNet2DConditionModel
 
-    from gill.spatial_adapter import SpatialAdapter
-    from gill.stack import KOLORS_UNET_CONFIG
+    from gill.models.spatial_adapter import SpatialAdapter
+    from gill.models.stack import KOLORS_UNET_CONFIG
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**KOLORS_UNET_CONFIG)

@@ -14,7 +14,7 @@ import torch
 from gill.bench import detector, grounding
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.validation import render_validation_images
+from gill.training.validation import render_validation_images
 
 MIN_GAP = 0.15  # placement(adapter on) - placement(adapter off)
 
@@ -63,7 +63,7 @@ def test_pixel_vae_round_trip_is_pooling_and_upsampling(tmp_path):
 def test_render_validation_images(tiny_stack, tmp_path):
     from omegaconf import OmegaConf
 
-    from gill.model import GillModel
+    from gill.models.model import GillModel
 
     model = GillModel(tiny_stack, OmegaConf.load(grounding.REPO / "conf" / "model" / "tiny.yaml"))
     try:

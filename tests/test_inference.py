@@ -43,7 +43,7 @@ def _tiny_cfg():
 @pytest.fixture(scope="module")
 def artifact(tiny_stack, tmp_path_factory):
     """(path, source adapter state): a random adapter with nonzero gates, saved per the contract."""
-    from gill.model import GillModel
+    from gill.models.model import GillModel
 
     cfg = _tiny_cfg()
     model = GillModel(tiny_stack, cfg)
@@ -196,7 +196,7 @@ def test_no_guidance_sets_layout_for_single_batch(model):
         generate_layout(model, PROMPT, OBJECTS, steps=2, beta=1.0, seed=0, guidance_scale=1.0, use_mapper=True)
     finally:
         handle.remove()
-    from gill.modes import img_token_hidden
+    from gill.models.modes import img_token_hidden
 
     with torch.no_grad():
         mapped, _ = model.adapter.map_to_conditioning(img_token_hidden(model, [PROMPT]))
@@ -246,7 +246,7 @@ def test_caption_stops_at_eos(model, monkeypatch):
 
 # ---- retrieval -----------------------------------------------------------------------------------
 def test_retrieval_index_round_trip_and_known_ranking(model, tmp_path):
-    from gill.modes import img_token_hidden
+    from gill.models.modes import img_token_hidden
 
     folder = tmp_path / "imgs"
     (folder / "sub").mkdir(parents=True)

@@ -20,13 +20,13 @@ def fixed_batch_losses(adapter_file=None) -> tuple[dict, dict]:
     """Per-mode losses of the default config's model on the first 8 training samples (eval mode, same
     random draws for every evaluation), with the seed-0 initial adapter or ``adapter_file``'s weights."""
     from gill.data.collate import build_dataset, collate_layout
-    from gill.model import MODES, GillModel
-    from gill.stack import load_stack
+    from gill.models.model import MODES, GillModel
+    from gill.models.stack import load_stack
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config")
     stack = load_stack(cfg.model, device="cpu", dtype=torch.float32)
-    torch.manual_seed(int(cfg.train.seed))  # the run's initial adapter (gill.recipe.build_engine)
+    torch.manual_seed(int(cfg.train.seed))  # the run's initial adapter (gill.training.recipe.build_engine)
     model = GillModel(stack, cfg.model).eval()
     try:
         if adapter_file is not None:

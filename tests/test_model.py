@@ -3,11 +3,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gill.chatglm import encode_prompt
+from gill.models.chatglm import encode_prompt
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.model import GillModel
-from gill.stack import load_stack
+from gill.models.model import GillModel
+from gill.models.stack import load_stack
 
 MODEL_CFG = "conf/model/tiny.yaml"
 
@@ -180,8 +180,8 @@ def test_generation_timestep_high_noise_share(tiny_stack_dir, batch, monkeypatch
 
 
 def test_default_spatial_adapter_fits_the_budget_at_kolors_scale():
-    from gill.adapter import GillAdapter
-    from gill.stack import build_random_modules
+    from gill.models.adapter import GillAdapter
+    from gill.models.stack import build_random_modules
 
     adapter_cfg = OmegaConf.merge(
         OmegaConf.load(MODEL_CFG).adapter, OmegaConf.load("conf/model/kolors.yaml").adapter

@@ -18,9 +18,9 @@ from hydra import compose, initialize_config_dir
 
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.model import MODES, GillModel
-from gill.plan import SavedTensorCounter, plan
-from gill.stack import load_stack
+from gill.models.model import MODES, GillModel
+from gill.tools.plan import SavedTensorCounter, plan
+from gill.models.stack import load_stack
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_plan_matches_measurement_within_10_percent(tiny_stack_dir, overrides):
 
 @pytest.mark.slow  # plans the full Kolors configuration on the meta device (~12 s)
 def test_plan_cli_says_whether_it_fits(capsys):
-    from gill.plan import main
+    from gill.tools.plan import main
 
     p = main(["--card-gib", "24", "model=kolors_random", "train.resolution=1024", "train.micro_batch_size=1"])
     out = capsys.readouterr().out

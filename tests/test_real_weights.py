@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from gill.cache import compose_config
-from gill.stack import ensure_tiny_stack, load_frozen_encoders, load_stack
-from gill.tiny_stack import TINY_VERSION
+from gill.tools.build_encoder_cache import compose_config
+from gill.models.stack import ensure_tiny_stack, load_frozen_encoders, load_stack
+from gill.models.tiny_stack import TINY_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARDS = [f"model.fp16-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
@@ -77,7 +77,7 @@ def test_published_layout_on_disk(published_dir):
 def test_published_layout_loads_the_same_models(published_dir, tiny_stack, caplog):
     """model=kolors (variant fp16) on the published files gives the plain tiny stack's weights rounded to
     fp16, cast to the run dtype (fp32 on CPU), and logs which file each component came from."""
-    with caplog.at_level(logging.INFO, logger="gill.stack"):
+    with caplog.at_level(logging.INFO, logger="gill.models.stack"):
         stack = load_stack(kolors_cfg(published_dir))
     log = caplog.text
     assert "unet: diffusion_pytorch_model.fp16.safetensors" in log
@@ -128,7 +128,7 @@ def test_vision_tower_from_a_full_clip_checkpoint(published_dir, tmp_path):
     composite config: the vision tower and its projection load from it."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from gill.tiny_stack import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_VISION_CONFIG
+    from gill.models.tiny_stack import TINY_CLIP_IMAGE_SIZE, TINY_CLIP_VISION_CONFIG
 
     torch.manual_seed(0)
     # As in openai's config.json, vision_config repeats projection_dim (the vision-only class reads it there).
@@ -161,10 +161,10 @@ def test_kolors_preset_trains_at_1024_unless_overridden():
 
 
 def test_model_kolors_builds_the_cache_and_trains_from_published_files(published_dir, tmp_path, child_env):
-    """`python -m gill.cache` and `train_ds.py` with model=kolors pointed at the published-layout files."""
+    """`python -m gill.tools.build_encoder_cache` and `train_ds.py` with model=kolors pointed at the published-layout files."""
     paths = [f"model.pretrained_path={published_dir}", f"model.vision_path={published_dir}/image_encoder"]
     common = [*KOLORS_AT_TINY_SIZE, *paths, f"cache.dir={tmp_path / 'c'}", "data.num_samples=6"]
-    proc = subprocess.run([sys.executable, "-m", "gill.cache", *common], cwd=ROOT, env=child_env,
+    proc = subprocess.run([sys.executable, "-m", "gill.tools.build_encoder_cache", *common], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 6

@@ -10,9 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from gill.checkpoint import MARKER, CheckpointManager, damage
-from gill.ds_config import ConfigError
-from gill.recipe import run
+from gill.training.checkpoint import MARKER, CheckpointManager, damage
+from gill.training.ds_config import ConfigError
+from gill.training.recipe import run
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,7 +83,7 @@ def test_resume_with_other_trainables_is_refused_before_building(finished_run, t
     def no_build(*a, **k):
         raise AssertionError("the model was built before the check")
 
-    monkeypatch.setattr("gill.recipe.build_engine", no_build)
+    monkeypatch.setattr("gill.training.recipe.build_engine", no_build)
     with pytest.raises(ValueError, match="trainables were defined differently") as err:
         run(resume_cfg(tiny_stack_dir, out, "train.resume=auto", *overrides))
     for key in keys:
@@ -92,7 +92,7 @@ def test_resume_with_other_trainables_is_refused_before_building(finished_run, t
 
 
 def test_resume_path_that_does_not_exist_fails_before_writing(tiny_stack_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("gill.recipe.build_engine", lambda *a, **k: pytest.fail("built a model"))
+    monkeypatch.setattr("gill.training.recipe.build_engine", lambda *a, **k: pytest.fail("built a model"))
     fresh = tmp_path / "fresh"
     with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
         run(resume_cfg(tiny_stack_dir, fresh, f"train.resume={tmp_path / 'nowhere' / 'step_00000002'}"))
@@ -116,7 +116,7 @@ def test_damaged_newest_checkpoint_auto_falls_back_and_stays_exact(finished_run,
     optim.write_bytes(data[: len(data) // 2])  # a copy cut short / a disk that filled up
 
     # An explicit path to it fails naming the file, before any model is built.
-    monkeypatch.setattr("gill.recipe.build_engine", lambda *a, **k: pytest.fail("built a model"))
+    monkeypatch.setattr("gill.training.recipe.build_engine", lambda *a, **k: pytest.fail("built a model"))
     with pytest.raises(ValueError, match=f"{optim.name} has {len(data) // 2} bytes"):
         run(resume_cfg(tiny_stack_dir, out, f"train.resume={newest}"))
     monkeypatch.undo()
@@ -139,7 +139,7 @@ def test_damaged_newest_checkpoint_auto_falls_back_and_stays_exact(finished_run,
 
 
 def test_digest_catches_other_shapes_under_the_same_config(tmp_path):
-    from gill.checkpoint import adapter_digest, check_digest
+    from gill.training.checkpoint import adapter_digest, check_digest
 
     (tmp_path / MARKER).write_text(json.dumps({"step": 1, "trainables_digest": adapter_digest(torch.nn.Linear(4, 2))}))
     check_digest(tmp_path, torch.nn.Linear(4, 2))  # same names and shapes

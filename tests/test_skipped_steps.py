@@ -7,15 +7,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from gill import distributed
-from gill.checkpoint import CheckpointManager
+from gill.training import distributed
+from gill.training.checkpoint import CheckpointManager
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.ds_config import build_ds_config
-from gill.ds_workarounds import DeepSpeedInternalsError, check_deepspeed_internals
-from gill.model import MODES
-from gill.recipe import build_engine, build_loader
-from gill.trainer import NonFiniteLossError, Trainer, optimizer_step
+from gill.training.ds_config import build_ds_config
+from gill.training.ds_exactness import DeepSpeedInternalsError, check_deepspeed_internals
+from gill.models.model import MODES
+from gill.training.recipe import build_engine, build_loader
+from gill.training.trainer import NonFiniteLossError, Trainer, optimizer_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +37,7 @@ def adam_state(engine):
 
 
 def test_loss_and_gradient_skips_are_counted_and_change_no_weight(tiny_stack_dir, tmp_path, monkeypatch):
-    from gill import modes as mode_fns
+    from gill.models import modes as mode_fns
 
     cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", "train.max_bad_steps=2", "train.max_steps=5",
                       "train.save_every=1", "data.val=null")

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from gill.stack import (
+from gill.models.stack import (
     KolorsStack,
     build_random_modules,
     count_parameters,
@@ -14,7 +14,7 @@ from gill.stack import (
     load_stack,
     parameter_table,
 )
-from gill.tiny_stack import TINY_CHATGLM_CONFIG, build_tiny_chatglm
+from gill.models.tiny_stack import TINY_CHATGLM_CONFIG, build_tiny_chatglm
 
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "image_encoder")
 
@@ -176,7 +176,7 @@ def test_plain_named_dir_loads_with_the_fp16_variant_requested(tiny_stack_dir, t
     # model=kolors asks for fp16 files; a directory with plain names (e.g. saved by save_pretrained) loads as is.
     cfg = {"name": "kolors", "pretrained_path": tiny_stack_dir, "variant": "fp16", "dtype": "fp32",
            "vision_path": os.path.join(tiny_stack_dir, "image_encoder")}
-    with caplog.at_level(logging.INFO, logger="gill.stack"):
+    with caplog.at_level(logging.INFO, logger="gill.models.stack"):
         stack = load_stack(cfg)
     for line in ("unet: diffusion_pytorch_model.safetensors", "vae: diffusion_pytorch_model.safetensors",
                  "text_encoder: model.safetensors", "vision: model.safetensors"):

@@ -41,7 +41,7 @@ def test_launch_script_micro_batch_follows_the_encoder_cache(tmp_path):
 
 
 def test_trainer_recipes_compose_on_the_launch_script(tmp_path):
-    from gill.ds_config import build_ds_config
+    from gill.training.ds_config import build_ds_config
     from step_benchmark import TRAINER_RECIPES
 
     script = [a for a in launch_args(tmp_path) if "=" in a and not a.startswith("-")]  # Hydra overrides only
@@ -60,7 +60,7 @@ def test_trainer_recipes_compose_on_the_launch_script(tmp_path):
 
 def test_cap_gpu_memory_passes_a_device_index(monkeypatch):
     """torch 2.11 refuses torch.device("cuda") without an index in set_per_process_memory_fraction."""
-    from gill.resources import GiB, cap_gpu_memory
+    from gill.tools.resources import GiB, cap_gpu_memory
 
     calls = []
 

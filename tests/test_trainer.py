@@ -13,15 +13,15 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from gill import distributed
-from gill.checkpoint import MARKER, CheckpointManager
+from gill.training import distributed
+from gill.training.checkpoint import MARKER, CheckpointManager
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.ds_config import ConfigError, build_ds_config
-from gill.model import MODES, GillModel
-from gill.recipe import build_engine
-from gill.stack import load_stack
-from gill.trainer import optimizer_step
+from gill.training.ds_config import ConfigError, build_ds_config
+from gill.models.model import MODES, GillModel
+from gill.training.recipe import build_engine
+from gill.models.stack import load_stack
+from gill.training.trainer import optimizer_step
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir, flat):
     """3 modes x grad_accum 2, per-mode backward, CPU-offloaded optimizer: the first update is
     compared element-wise; the gradients of a second step prove nothing leaks across steps.
     Both with the adapter flattened into one tensor (the default) and per tensor (where the
-    DeepSpeed work-arounds in gill/ds_workarounds.py matter)."""
+    DeepSpeed work-arounds in gill/training/ds_exactness.py matter)."""
     cfg = compose_cfg(
         f"model.pretrained_path={tiny_stack_dir}", "train.micro_batch_size=2", "train.grad_accum=2",
         "train.lr=0.01", "train.grad_clip=1.0", "train.mode_weights.retrieval=0.5", "model.layout_dropout=0.5",
@@ -410,14 +410,14 @@ def test_crash_during_save_leaves_previous_checkpoint_loadable(tiny_stack_dir, t
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tiny_stack_dir, tmp_path, monkeypatch):
-    from gill import modes as mode_fns
-    from gill.trainer import NonFiniteLossError, Trainer
+    from gill.models import modes as mode_fns
+    from gill.training.trainer import NonFiniteLossError, Trainer
 
     cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", "train.max_bad_steps=2", "train.max_steps=5",
                       "train.save_every=1", "data.val=null")
     distributed.init(torch.device("cpu"))
     engine = build_engine(cfg, build_ds_config(cfg, 1, on_gpu=False), torch.device("cpu"), 10)
-    from gill.recipe import build_loader
+    from gill.training.recipe import build_loader
 
     loader, sampler = build_loader(SyntheticLayoutDataset(16, resolution=64), cfg.train, True, 0)
     trainer = Trainer(cfg, engine, loader, sampler, None, {}, tmp_path)

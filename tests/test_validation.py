@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch.utils.data import DataLoader
 
-from gill import modes
+from gill.models import modes
 from gill.data.collate import build_dataset, collate_layout
-from gill.model import GillModel
-from gill.validation import evaluate
+from gill.models.model import GillModel
+from gill.training.validation import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
 

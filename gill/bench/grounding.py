@@ -6,7 +6,7 @@ Three stages (docs/grounding_benchmark.md explains every choice):
 
 (a) **Stand-in stack.** Kolors is frozen in this project, so the benchmark needs a frozen stack that
     can already draw the synthetic shapes from a caption. It is the tiny stack's directory (same
-    layout, loaded by ``gill.stack.load_stack`` through ``model.pretrained_path``) with four parts
+    layout, loaded by ``gill.models.stack.load_stack`` through ``model.pretrained_path``) with four parts
     replaced, with plain PyTorch loops here:
     ``text_encoder/`` + ``image_encoder/``  the tiny ChatGLM and a CLIP vision tower pretrained
               together (causal LM on captions and labels, image-conditioned LM through a soft prefix,
@@ -18,7 +18,7 @@ Three stages (docs/grounding_benchmark.md explains every choice):
               pretrained text encoder (epsilon objective, the stack's 1100-step noise schedule, half
               the timesteps from the noisier half, 10% empty captions for CFG).
     Captions say nothing about positions, so this stand-in knows *what* to draw but not *where*.
-(b) **Adapter training** with the project's trainer, ``gill.recipe.run`` on a composed Hydra config
+(b) **Adapter training** with the project's trainer, ``gill.training.recipe.run`` on a composed Hydra config
     (``train.modes=[generation]``, the stand-in as ``model.pretrained_path``), once per injection
     point, at equal parameter budgets. A second trainer run trains ``[captioning, retrieval]``.
 (c) **Evaluation** on held-out layouts (the ``test`` split): ``gill.inference.generate_layout`` with
@@ -240,7 +240,7 @@ def encode_pool(vae, images: torch.Tensor, batch: int = 64) -> tuple[torch.Tenso
 
 @torch.no_grad()
 def encode_captions(stack, captions: list[str], max_length: int, batch: int = 64):
-    from gill.chatglm import encode_prompt
+    from gill.models.chatglm import encode_prompt
 
     embeds, pooled = [], []
     for s in range(0, len(captions), batch):
@@ -317,7 +317,7 @@ def text_vision_key(p: Preset) -> str:
 def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0) -> tuple[Path, dict]:
     """The stand-in frozen stack directory (built once per preset; returns it and build stats)."""
     from gill.data.synthetic import SyntheticLayoutDataset
-    from gill.stack import ensure_tiny_stack, load_stack
+    from gill.models.stack import ensure_tiny_stack, load_stack
 
     final = work_dir / f"standin-{p.name}-{STANDIN_VERSION}-{standin_key(p)}-seed{seed}"
     stats_file = final / "STANDIN.json"
@@ -386,7 +386,7 @@ def colour_separation(stack) -> dict:
     colour and the shape of a label as shared features? Leave-one-out nearest centroid over the 32
     labels: a label's colour is predicted from the centroids of the *other* labels of each colour
     (cosine), likewise its shape. Chance: 1/8 and 1/4."""
-    from gill.chatglm import encode_prompt
+    from gill.models.chatglm import encode_prompt
     from gill.data.vocab import COLORS, SHAPES
 
     labels = [(c, s) for c in COLORS for s in SHAPES]
@@ -406,7 +406,7 @@ def colour_separation(stack) -> dict:
 def text_encoder_checks(stack_dir: Path, device) -> dict:
     """:func:`colour_separation` of the stand-in's text encoder (loaded from its directory, as training
     loads it) and, for comparison, of the tiny stack's random one."""
-    from gill.stack import ensure_tiny_stack, load_stack
+    from gill.models.stack import ensure_tiny_stack, load_stack
 
     out = {}
     for name, path in (("standin", stack_dir), ("random", ensure_tiny_stack())):
@@ -475,7 +475,7 @@ def save_text_vision_cache(cache: Path, stack_dir: Path, stats: dict, gen: torch
 def probe_text_vision(p: Preset, device, seed: int = 0) -> dict:
     """Only stage (a0), nothing saved: pretrain the text encoder and tower of this preset and report
     their held-out numbers (``--only text-vision``, for tuning the tower without building a UNet)."""
-    from gill.stack import ensure_tiny_stack, load_stack
+    from gill.models.stack import ensure_tiny_stack, load_stack
 
     stack = load_stack({"name": "tiny", "pretrained_path": ensure_tiny_stack(), "dtype": "fp32"}, device=device)
     attach_vision_tower(stack, p, device, seed)
@@ -561,7 +561,7 @@ def _lm_batch(tokenizer, prefix_len: int, texts_ids: list[list[int]], device):
 
 def _run_lm(text_encoder, ids, mask, slots=None, slot_embeds=None):
     """(LM loss terms need) last hidden [B, S, H] and the pre-norm final hidden [B, S, H]."""
-    from gill.chatglm import embed_tokens, run_chatglm
+    from gill.models.chatglm import embed_tokens, run_chatglm
 
     emb = embed_tokens(text_encoder, ids)
     if slot_embeds is not None:
@@ -571,7 +571,7 @@ def _run_lm(text_encoder, ids, mask, slots=None, slot_embeds=None):
 
 
 def _lm_loss(text_encoder, last, labels):
-    from gill.chatglm import lm_logits
+    from gill.models.chatglm import lm_logits
 
     tgt = labels[:, 1:]
     keep = tgt != -100
@@ -700,9 +700,9 @@ def pretrain_text_vision(stack, data, p: "Preset", gen: torch.Generator, eval_it
 @torch.no_grad()
 def _pretrain_eval(stack, heads, items, k: int) -> dict:
     """Held-out: greedy captions through the pretraining prefix (exact match), contrastive recall@1."""
-    from gill.chatglm import lm_logits
+    from gill.models.chatglm import lm_logits
     from gill.inference.captioning import allowed_token_mask
-    from gill.validation import recall_at_k
+    from gill.training.validation import recall_at_k
 
     te, vis, tok = stack.text_encoder, stack.vision, stack.tokenizer
     dev = next(te.parameters()).device
@@ -744,8 +744,8 @@ def compose_cfg(overrides: list[str]):
 
 def spatial_params(injection: str, inner_dim: int) -> int:
     """Parameters of the spatial adapter (tiny model config) at this injection and inner width."""
-    from gill.spatial_adapter import SpatialAdapter
-    from gill.stack import ensure_tiny_stack, load_stack
+    from gill.models.spatial_adapter import SpatialAdapter
+    from gill.models.stack import ensure_tiny_stack, load_stack
 
     global _PARAM_STACK
     if _PARAM_STACK is None:
@@ -771,8 +771,8 @@ def matched_inner_dims(inner_self: int) -> dict[str, tuple[int, int]]:
 
 
 def train_with_trainer(stack_dir: Path, out_dir: Path, overrides: list[str], device: torch.device) -> dict:
-    """One ``gill.recipe.run`` on a composed config; cached by its ``adapter.safetensors``."""
-    from gill.recipe import run
+    """One ``gill.training.recipe.run`` on a composed config; cached by its ``adapter.safetensors``."""
+    from gill.training.recipe import run
 
     adapter = out_dir / "adapter.safetensors"
     done = out_dir / "BENCH_DONE.json"
@@ -895,7 +895,7 @@ def caption_retrieval_scores(model, pairs: list[dict], batch: int = 32, beams: i
     (greedy, or beam search with ``beams`` > 1)."""
     from gill.inference.captioning import beam_caption, caption
     from gill.inference.retrieval import embed_images, embed_texts
-    from gill.validation import recall_at_k
+    from gill.training.validation import recall_at_k
 
     images = [it["image"] for it in pairs]
     captions = [it["caption"] for it in pairs]
@@ -925,7 +925,7 @@ def load_for_eval(adapter_path: Path, device):
 
 
 # Part of the adapter stage's cache key: bump when the trainer's generation loss changes (v2: the
-# mapper's relative MSE, gill.modes.relative_mse).
+# mapper's relative MSE, gill.models.modes.relative_mse).
 ADAPTER_LOSS_VERSION = "generation-loss-v2"
 
 

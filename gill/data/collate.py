@@ -8,7 +8,7 @@ Every dataset in ``gill/data`` returns items of this shape (the model side relie
 
 :func:`collate_layout` keeps images as PIL (the model's own processors make tensors) and pads
 boxes to the largest object count in the batch. Items of the encoder cache
-(:class:`gill.data.cache.CachedLayoutDataset`) carry ``latent_mean``, ``latent_std`` and
+(:class:`gill.data.encoder_cache.CachedLayoutDataset`) carry ``latent_mean``, ``latent_std`` and
 ``vision_features`` tensors instead of ``image``; those are stacked.
 """
 from __future__ import annotations

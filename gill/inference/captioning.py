@@ -1,6 +1,6 @@
 """Captioning: image -> visual prefix -> frozen ChatGLM -> text, greedy or beam search.
 
-The sequence is laid out exactly as in training (:func:`gill.modes.captioning`):
+The sequence is laid out exactly as in training (:func:`gill.models.modes.captioning`):
 ``[gMASK] sop`` + ``k`` visual-prefix slots + caption tokens, ending at ``eos``. Every sequence in
 a batch grows by one token per step from the same starting length, so the batch stays rectangular
 and needs no padding; each step simply re-runs the whole (short) sequence. That costs
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from gill.chatglm import lm_logits, run_chatglm
-from gill.modes import SLOT, assemble_inputs
+from gill.models.chatglm import lm_logits, run_chatglm
+from gill.models.modes import SLOT, assemble_inputs
 
 
 def _vision_features(model, images) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The LM decides when to show an image: greedy continuation that may emit ``[IMG0]`` (GILL).
 
 GILL's ``generate_for_images_and_texts``, for text prompts: ChatGLM continues the prompt greedily
-with the adapter's LM head (frozen vocabulary ‖ ``[IMG0..r-1]``, :func:`gill.modes.full_logits`).
+with the adapter's LM head (frozen vocabulary ‖ ``[IMG0..r-1]``, :func:`gill.models.modes.full_logits`).
 ``[IMG1..r-1]`` are never sampled (GILL filters them); when ``[IMG0]`` wins, the text stops, the
 ``r`` ``[IMG]`` tokens are appended as in training, and their hidden states give
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from gill.chatglm import embed_tokens, run_chatglm
+from gill.models.chatglm import embed_tokens, run_chatglm
 from gill.inference.captioning import allowed_token_mask
-from gill.modes import full_logits, img_token_forward_ids, img_token_id
+from gill.models.modes import full_logits, img_token_forward_ids, img_token_id
 
 
 @dataclass
@@ -114,7 +114,7 @@ def img_emission(model, captions: list[str]) -> dict[str, float]:
 
     One causal forward per batch gives every position. Returns the two rates and their counts.
     """
-    from gill.modes import _caption_ids, _prefix, assemble_inputs
+    from gill.models.modes import _caption_ids, _prefix, assemble_inputs
 
     ids = [_caption_ids(model, c) for c in captions]
     seqs = [_prefix(model) + t for t in ids]

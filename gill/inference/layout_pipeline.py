@@ -3,7 +3,7 @@
 The pipeline is built from the loaded stack's own modules and driven with conditioning computed
 here (ChatGLM's encoding of the prompt, or the GILL mapper's output when ``use_mapper``), so all
 of Kolors' sampling details (Euler steps, micro-conditioning time ids, guidance) stay diffusers'.
-The layout enters through the UNet hooks of :class:`~gill.spatial_adapter.SpatialAdapter`:
+The layout enters through the UNet hooks of :class:`~gill.models.spatial_adapter.SpatialAdapter`:
 
 * classifier-free guidance: ``KolorsPipeline`` concatenates ``[negative, positive]`` along the
   batch (``torch.cat([negative_prompt_embeds, prompt_embeds])`` and ``torch.cat([latents] * 2)``),
@@ -57,7 +57,7 @@ def prompt_conditioning(model, prompt: str, negative_prompt: str = "", use_mappe
     that space, and ``""`` encoded by ChatGLM is the unconditional input Kolors (and caption
     dropout in training) uses.
     """
-    from gill.modes import img_token_hidden
+    from gill.models.modes import img_token_hidden
 
     if use_mapper:
         tokens, pooled = model.adapter.map_to_conditioning(img_token_hidden(model, [prompt]))

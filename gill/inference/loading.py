@@ -1,6 +1,6 @@
-"""Load a trained ``adapter.safetensors`` back into a ready-to-use :class:`~gill.model.GillModel`.
+"""Load a trained ``adapter.safetensors`` back into a ready-to-use :class:`~gill.models.model.GillModel`.
 
-The artifact (written by the trainer, ``gill.checkpoint.export_adapter``) is a plain safetensors
+The artifact (written by the trainer, ``gill.training.checkpoint.export_adapter``) is a plain safetensors
 file: every adapter tensor in fp32, plus string metadata ``format`` (``gill-adapter-v1``), ``step``
 and ``config`` (the whole resolved Hydra config as JSON). The ``model`` group inside that config is
 all that is needed to rebuild the frozen stack and an adapter of the right shape, so the file is
@@ -98,10 +98,10 @@ def load_trained(
 
     ``device`` defaults to CUDA when available; ``dtype`` to the config's (``auto``: bf16 on CUDA,
     fp32 on CPU). The adapter is cast to the stack's dtype, since its hooks run inside the UNet.
-    Returns a :class:`~gill.model.GillModel` in eval mode.
+    Returns a :class:`~gill.models.model.GillModel` in eval mode.
     """
-    from gill.model import GillModel
-    from gill.stack import load_stack
+    from gill.models.model import GillModel
+    from gill.models.stack import load_stack
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = model_config(adapter_path, overrides)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 
-from gill.ds_config import ConfigError
+from gill.training.ds_config import ConfigError
 
-MODES = ("captioning", "retrieval", "generation")  # gill.model.MODES, without importing the model stack
+MODES = ("captioning", "retrieval", "generation")  # gill.models.model.MODES, without importing the model stack
 
 # key -> (kind, minimum, nullable); kind "int" refuses floats and bools, "float" accepts ints.
 _NUMBERS = {

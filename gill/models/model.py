@@ -3,7 +3,7 @@
 The frozen modules are registered as submodules (so DeepSpeed moves and casts them with the
 rest) but never train: they stay in eval mode whatever ``.train()`` says, and their parameters
 have ``requires_grad=False``. Turning a collated batch (PIL images, strings, boxes) into tensors
-happens here; the three losses live in :mod:`gill.modes`.
+happens here; the three losses live in :mod:`gill.models.modes`.
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from gill import modes
-from gill.adapter import GillAdapter
-from gill.chatglm import encode_prompt
-from gill.compile import compile_regions
-from gill.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
+from gill.models import modes
+from gill.models.adapter import GillAdapter
+from gill.models.chatglm import encode_prompt
+from gill.training.compile import compile_regions
+from gill.models.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
 
 MODES = ("captioning", "retrieval", "generation")
 
@@ -170,7 +170,7 @@ class GillModel(nn.Module):
     @torch.no_grad()
     def vision_features(self, batch: dict) -> torch.Tensor:
         """CLIP image embeddings ``[B, Dv]`` (precomputed ``vision_features`` in the batch win, e.g.
-        from the encoder cache, :mod:`gill.data.cache`)."""
+        from the encoder cache, :mod:`gill.data.encoder_cache`)."""
         if "vision_features" in batch:
             return self.upload(batch["vision_features"], self.dtype)
         return clip_image_embeds(self.vision, self.image_processor, batch["images"]).to(self.device, self.dtype)

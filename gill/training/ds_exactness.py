@@ -31,7 +31,7 @@ def _require(obj, attr: str, what: str) -> None:
 
         raise DeepSpeedInternalsError(
             f"DeepSpeed {deepspeed.__version__}: {type(obj).__name__} has no {attr!r}, which {what} needs "
-            f"(gill/ds_workarounds.py, proven on DeepSpeed {', '.join(PROVEN_DEEPSPEED)}); install a proven "
+            f"(gill/training/ds_exactness.py, proven on DeepSpeed {', '.join(PROVEN_DEEPSPEED)}); install a proven "
             "version or port the workaround"
         )
 
@@ -41,7 +41,7 @@ def check_deepspeed_internals(engine) -> None:
     import deepspeed
 
     if deepspeed.__version__ not in PROVEN_DEEPSPEED:
-        log.warning("DeepSpeed %s: the workarounds in gill/ds_workarounds.py are proven on %s only",
+        log.warning("DeepSpeed %s: the workarounds in gill/training/ds_exactness.py are proven on %s only",
                     deepspeed.__version__, ", ".join(PROVEN_DEEPSPEED))
     _require(engine, "was_step_applied", "counting the steps DeepSpeed skips")
     optimizer = engine.optimizer

@@ -1,9 +1,9 @@
-"""``python -m gill.export <checkpoint dir> [--out adapter.safetensors]``: a DeepSpeed checkpoint -> the adapter file.
+"""``python -m gill.tools.export <checkpoint dir> [--out adapter.safetensors]``: a DeepSpeed checkpoint -> the adapter file.
 
 Training already writes ``<run>/adapter.safetensors`` at every save. This command makes the same file
 from any kept checkpoint (``<run>/checkpoints/step_00000010``), e.g. an earlier step that validated
 better. DeepSpeed's own ``zero_to_fp32.py`` merges the ZeRO shards too, but the adapter trains as one
-flat tensor (:mod:`gill.flat_params`), so its output holds a single ``adapter.flat``; this command
+flat tensor (:mod:`gill.training.flat_params`), so its output holds a single ``adapter.flat``; this command
 runs DeepSpeed's merge (``get_fp32_state_dict_from_zero_checkpoint``) and then splits the flat tensor
 back into the adapter's real names and shapes, read from an adapter built on the meta device (nothing
 allocated, no weights loaded). The output also accepts ``zero_to_fp32``'s ``.safetensors`` output as
@@ -25,7 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
-from gill.checkpoint import ADAPTER_FORMAT, MARKER
+from gill.training.checkpoint import ADAPTER_FORMAT, MARKER
 
 PREFIX = "adapter."
 
@@ -49,7 +49,7 @@ def run_config(checkpoint: Path, config: str | os.PathLike | None = None) -> dic
 
 def _frozen_dims(model_cfg) -> tuple[torch.nn.Module, int, int]:
     """``(unet on meta, llm hidden size, vision projection dim)`` from the stack's config files only."""
-    from gill.stack import build_random_modules, resolve_stack_paths
+    from gill.models.stack import build_random_modules, resolve_stack_paths
 
     if model_cfg.get("name") == "kolors_random":
         mods = build_random_modules("meta", torch.float32)
@@ -66,7 +66,7 @@ def _frozen_dims(model_cfg) -> tuple[torch.nn.Module, int, int]:
 
 def adapter_skeleton(model_cfg: dict) -> torch.nn.Module:
     """The run's adapter on the meta device, flattened as in training: its slots name the flat tensor."""
-    from gill.adapter import GillAdapter
+    from gill.models.adapter import GillAdapter
 
     unet, llm_dim, vision_dim = _frozen_dims(model_cfg)
     m = OmegaConf.create(model_cfg)
@@ -118,7 +118,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gill.export", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m gill.tools.export", description=__doc__.split("\n\n")[1])
     p.add_argument("checkpoint", help="<run>/checkpoints/step_XXXXXXXX, or zero_to_fp32's .safetensors output")
     p.add_argument("--out", help="default: adapter.safetensors inside the checkpoint directory")
     p.add_argument("--config", help="the run's config.yaml (default: <run>/config.yaml)")

@@ -1,10 +1,10 @@
-"""``python -m gill.cache <hydra overrides>``: build the encoder cache (format: :mod:`gill.data.cache`).
+"""``python -m gill.tools.build_encoder_cache <hydra overrides>``: build the encoder cache (format: :mod:`gill.data.encoder_cache`).
 
 Runs the frozen VAE encoder and the CLIP vision tower over the training data set, after the data
 set's deterministic preprocessing, and writes per record the VAE posterior's ``mean`` / ``std``
 (pre-scaling) and CLIP's ``image_embeds``. Same config tree as training::
 
-    python -m gill.cache model=kolors model.pretrained_path=... model.vision_path=... \\
+    python -m gill.tools.build_encoder_cache model=kolors model.pretrained_path=... model.vision_path=... \\
         data=layout data.path=data/layout.jsonl data.random_flip=0 train.resolution=1024 \\
         cache.dir=data/cache-1024 cache.batch_size=8
 
@@ -16,8 +16,8 @@ same as an uninterrupted one). A record whose image cannot be decoded is skipped
 counted (``manifest.json: skipped``); records the data set itself rejected are counted under
 ``source_skipped``.
 
-Several ranks (``torchrun --nproc_per_node=3 -m gill.cache ...`` or ``deepspeed --num_gpus=3 --module
-gill.cache ...``) split the shards round-robin, one GPU each; rank 0 alone writes the manifest: before
+Several ranks (``torchrun --nproc_per_node=3 -m gill.tools.build_encoder_cache ...`` or ``deepspeed --num_gpus=3 --module
+gill.tools.build_encoder_cache ...``) split the shards round-robin, one GPU each; rank 0 alone writes the manifest: before
 the build (checks, as one process) and after every rank finished. A shard that is on disk but not
 listed (a kill between its rename and the manifest, or another rank's) is listed when it reads back
 whole and carries this cache's fingerprint; otherwise it is rebuilt. The shards are the same bytes
@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from gill import distributed
+from gill.training import distributed
 
-from gill.data.cache import (
+from gill.data.encoder_cache import (
     CACHE_FORMAT,
     META_KEY,
     REBUILD,
@@ -54,7 +54,7 @@ from gill.data.cache import (
 )
 
 log = logging.getLogger(__name__)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _item(dataset, index: int) -> dict | None:
@@ -67,7 +67,7 @@ def _write_shard(path: Path, tensors: dict, meta: dict) -> int:
     """Temp file -> fsync -> rename -> fsync the folder. Returns the file's size."""
     from safetensors.torch import save_file
 
-    from gill.checkpoint import _fsync_dir
+    from gill.training.checkpoint import _fsync_dir
 
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, ensure_ascii=False)})
@@ -94,8 +94,8 @@ def build_cache(cfg, *, after_shard=None) -> dict:
     ``after_shard(j)`` runs after shard ``j`` is committed (tests use it to interrupt a build).
     """
     from gill.data.collate import build_dataset
-    from gill.model import clip_image_embeds, vae_posterior
-    from gill.stack import load_frozen_encoders
+    from gill.models.model import clip_image_embeds, vae_posterior
+    from gill.models.stack import load_frozen_encoders
 
     if not cache_enabled(cfg):
         raise CacheError("cache.dir is not set: pass cache.dir=<folder> (training reads the cache from there)")

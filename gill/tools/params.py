@@ -1,7 +1,7 @@
-"""``python -m gill.params [hydra overrides]``: parameter tables of the frozen stack and the adapter.
+"""``python -m gill.tools.params [hydra overrides]``: parameter tables of the frozen stack and the adapter.
 
-    python -m gill.params model=kolors_random                                  # real Kolors dimensions
-    python -m gill.params model=kolors_random model.adapter.spatial.injection=cross model.adapter.spatial.inner_dim=176
+    python -m gill.tools.params model=kolors_random                                  # real Kolors dimensions
+    python -m gill.tools.params model=kolors_random model.adapter.spatial.injection=cross model.adapter.spatial.inner_dim=176
 
 ``kolors_random`` is counted on the meta device (nothing is allocated); other presets are loaded.
 """
@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from gill.adapter import GillAdapter
-from gill.stack import build_random_modules, load_stack, parameter_table, stack_parameter_rows
+from gill.models.adapter import GillAdapter
+from gill.models.stack import build_random_modules, load_stack, parameter_table, stack_parameter_rows
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def tables(overrides: list[str]) -> tuple[str, str]:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gill.chatglm import embed_tokens, lm_logits, run_chatglm
+from gill.models.chatglm import embed_tokens, lm_logits, run_chatglm
 
 SLOT = -1  # placeholder id: "an adapter embedding goes here"
 IGNORE = -100

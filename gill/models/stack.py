@@ -4,7 +4,7 @@ Three presets, selected by `model_cfg.name` (DESIGN §3, §9):
 
 * ``kolors``        – a diffusers-format Kolors directory (`Kwai-Kolors/Kolors-diffusers` layout) at
                       `pretrained_path`, plus a CLIP vision tower directory at `vision_path`.
-* ``tiny``          – the same layout at toy size, built by `gill.tiny_stack` into `cache_dir` on first use
+* ``tiny``          – the same layout at toy size, built by `gill.models.tiny_stack` into `cache_dir` on first use
                       (unless `pretrained_path` points at one) and then loaded through *exactly* the same
                       `from_pretrained` code path as ``kolors``.
 * ``kolors_random`` – real Kolors dimensions with random weights, constructed directly on the target device
@@ -23,7 +23,7 @@ encoder with ``model.safetensors.index.fp16.json``). Each component folder is pr
 only ``pytorch_model.bin`` (Kolors-IP-Adapter-Plus) is read by transformers with ``weights_only=True``:
 tensors only, no code runs while unpickling.
 
-The parameter table of a preset (stack and adapter): ``python -m gill.params model=kolors_random``.
+The parameter table of a preset (stack and adapter): ``python -m gill.tools.params model=kolors_random``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gill.tiny_stack import (
+from gill.models.tiny_stack import (
     KOLORS_SCHEDULER_CONFIG,
     TINY_VERSION,
     build_tiny_stack,
@@ -222,7 +222,7 @@ def ensure_tiny_stack(cache_dir: str | None = None, layout: str = "plain") -> st
     """Return a built tiny stack directory, building it on first use.
 
     `layout`: "plain" or "published" (the Kolors-diffusers file names and fp16 weights,
-    :func:`gill.tiny_stack.build_tiny_stack`).
+    :func:`gill.models.tiny_stack.build_tiny_stack`).
 
     Race-safe across ranks/processes: each builder writes a private temp dir next to the target and
     renames it into place; rename onto an existing non-empty directory fails, so the first finisher
@@ -489,7 +489,7 @@ def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
 def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     """Only the VAE and the CLIP vision tower (+ its image processor) of a ``tiny``/``kolors`` stack,
     loaded, cast and frozen exactly as :func:`load_stack` does: what the encoder cache
-    (``python -m gill.cache``) runs, without the UNet and ChatGLM. Returns ``(vae, vision, processor)``."""
+    (``python -m gill.tools.build_encoder_cache``) runs, without the UNet and ChatGLM. Returns ``(vae, vision, processor)``."""
     from diffusers import AutoencoderKL
 
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)

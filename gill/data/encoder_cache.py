@@ -1,6 +1,6 @@
 """The encoder cache on disk: per record, the frozen VAE's posterior and the CLIP tower's embedding.
 
-Built by ``python -m gill.cache`` (:mod:`gill.cache`) over the training data set *after* its
+Built by ``python -m gill.tools.build_encoder_cache`` (:mod:`gill.tools.build_encoder_cache`) over the training data set *after* its
 deterministic preprocessing; read back here by :class:`CachedLayoutDataset`, which yields the
 cached tensors instead of the PIL image (captions, boxes, labels and sizes come from the cache too).
 Training then samples ``mean + std * noise`` with the model's own checkpointed generator, so the
@@ -40,7 +40,7 @@ class CacheError(RuntimeError):
     """The encoder cache cannot be built or used with this config (the message says why and what to do)."""
 
 
-REBUILD = ("rebuild it with `python -m gill.cache` and the same model=/data=/train.resolution=/train.precision "
+REBUILD = ("rebuild it with `python -m gill.tools.build_encoder_cache` and the same model=/data=/train.resolution=/train.precision "
            "overrides and cache.dir as this run (add cache.overwrite=true to replace a stale cache)")
 
 
@@ -77,7 +77,7 @@ def _weights(folder: str | Path) -> list:
 
 def describe_model(model_cfg) -> dict:
     """The stack's identity as far as the VAE and the CLIP tower go (no model is loaded)."""
-    from gill.stack import resolve_stack_paths
+    from gill.models.stack import resolve_stack_paths
 
     name = model_cfg.get("name")
     if name == "kolors_random":
@@ -141,7 +141,7 @@ def check_cacheable(dataset) -> None:
 
 def stack_dtype_name(cfg, on_gpu: bool) -> str:
     """The frozen stack's dtype in training (``build_engine``: bf16 iff the run is bf16)."""
-    from gill.ds_config import resolve_precision
+    from gill.training.ds_config import resolve_precision
 
     return resolve_precision(cfg.train.precision, on_gpu)
 
@@ -192,7 +192,7 @@ def read_manifest(root: str | Path) -> dict | None:
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
     """Atomically: temp file, fsync, rename, fsync the folder."""
-    from gill.checkpoint import atomic_write_text
+    from gill.training.checkpoint import atomic_write_text
 
     atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1, sort_keys=True))
 
@@ -219,7 +219,7 @@ def open_cache(cfg, dataset, on_gpu: bool) -> "CachedLayoutDataset":
     manifest = read_manifest(root)
     if manifest is None:
         raise CacheError(f"cache.dir={root}: no encoder cache there ({MANIFEST} missing); build it with "
-                         "`python -m gill.cache` and the same model/data/train overrides as this run")
+                         "`python -m gill.tools.build_encoder_cache` and the same model/data/train overrides as this run")
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheError(f"cache.dir={root}: format {manifest.get('format')!r}, expected {CACHE_FORMAT!r}; {REBUILD}")
     current = fingerprint(cfg, dataset, on_gpu)
@@ -230,7 +230,7 @@ def open_cache(cfg, dataset, on_gpu: bool) -> "CachedLayoutDataset":
     done = [shard_name(j) for j in range(n_shards) if shard_name(j) in manifest["shards"]]
     if not manifest.get("complete") or len(done) != n_shards:
         raise CacheError(f"cache.dir={root} is incomplete ({len(done)} of {n_shards} shards): finish it by re-running "
-                         "`python -m gill.cache` with the same overrides (it resumes)")
+                         "`python -m gill.tools.build_encoder_cache` with the same overrides (it resumes)")
     cached = CachedLayoutDataset(root, manifest)
     # Every record of the data set is in the cache or was skipped by it, once, under the same id.
     ids = dataset_ids(dataset)

@@ -7,7 +7,7 @@ OOM). Every rank runs the same modes in the same order: ZeRO-2 reduces during ea
 
 Also here: non-finite loss handling, progress/TensorBoard logging, periodic validation,
 checkpoint/resume, SIGTERM/SIGINT and ``train.time_limit_min`` (finish the step, save, exit 0), and the
-per-rank resource report at the end (gill/resources.py).
+per-rank resource report at the end (gill/tools/resources.py).
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from gill import distributed, resources
-from gill.checkpoint import CheckpointManager, adapter_digest, atomic_write_text, export_adapter, resume_record
-from gill.ds_workarounds import reset_offload_accumulators, touch_all_trainables
-from gill.profiling import StepProfiler
+from gill.training import distributed
+from gill.tools import resources
+from gill.training.checkpoint import CheckpointManager, adapter_digest, atomic_write_text, export_adapter, resume_record
+from gill.training.ds_exactness import reset_offload_accumulators, touch_all_trainables
+from gill.tools.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ class Trainer:
         }
 
     def marker_record(self) -> dict:
-        """What the checkpoint's marker records for the checks before a resume (gill/checkpoint.py)."""
+        """What the checkpoint's marker records for the checks before a resume (gill/training/checkpoint.py)."""
         return {**resume_record(self.cfg, distributed.world_size()),
                 "trainables_digest": adapter_digest(self.model.adapter)}
 
@@ -315,7 +316,7 @@ class Trainer:
         import numpy as np
         from PIL import Image
 
-        from gill.validation import render_validation_images
+        from gill.training.validation import render_validation_images
 
         paths = render_validation_images(
             self.model, next(iter(self.val_loader)), self.output_dir / "val_images", self.step,
@@ -328,7 +329,7 @@ class Trainer:
     def validate(self) -> None:
         """Rank 0 evaluates (forward only, no collectives) while the other ranks wait."""
         if distributed.is_main():
-            from gill.validation import evaluate
+            from gill.training.validation import evaluate
 
             metrics, captions = evaluate(self.model, self.val_loader, self.t)
             self._log(metrics, "val")

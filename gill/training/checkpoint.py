@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gill import distributed
+from gill.training import distributed
 
 log = logging.getLogger(__name__)
 MARKER = "gill_state.json"

@@ -13,14 +13,15 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
-from gill import distributed, resources
-from gill.checkpoint import check_digest, check_resumable, resume_record
-from gill.config_check import check_train_config
-from gill.data.cache import cache_enabled, open_cache
+from gill.training import distributed
+from gill.tools import resources
+from gill.training.checkpoint import check_digest, check_resumable, resume_record
+from gill.training.config_check import check_train_config
+from gill.data.encoder_cache import cache_enabled, open_cache
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
-from gill.ds_config import build_ds_config, resolve_precision
-from gill.ds_workarounds import check_deepspeed_internals, make_cpu_adam_history_free
+from gill.training.ds_config import build_ds_config, resolve_precision
+from gill.training.ds_exactness import check_deepspeed_internals, make_cpu_adam_history_free
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def build_engine(cfg, ds_config: dict, device: torch.device, max_steps_hint: int
     """Stack + adapter + DeepSpeed engine (no data); shared by training, tests and benchmarks."""
     import deepspeed
 
-    from gill.model import GillModel
-    from gill.stack import load_stack
+    from gill.models.model import GillModel
+    from gill.models.stack import load_stack
 
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     stack = load_stack(cfg.model, device=device, dtype=dtype)
@@ -93,7 +94,7 @@ def make_scheduler(optimizer, lr_fn):
 
 def run(cfg, hydra_output_dir: str | None = None) -> dict:
     """Train according to ``cfg``; returns the last step's metrics."""
-    from gill.trainer import Trainer
+    from gill.training.trainer import Trainer
 
     check_train_config(cfg)  # types and ranges of train.*, named by key, before anything runs
     device = distributed.device_for_rank()
@@ -151,7 +152,7 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
 def resolve_resume(output_dir: Path, cfg) -> Path | None:
     """The checkpoint ``train.resume`` names, verified (rank 0 reads the files, every rank gets the verdict)
     and checked against this config; raises on every rank, naming the file or the differing keys."""
-    from gill.checkpoint import CheckpointManager
+    from gill.training.checkpoint import CheckpointManager
 
     found = error = None
     if distributed.is_main():
@@ -173,7 +174,7 @@ def refuse_occupied_run_folder(output_dir: Path, resume) -> None:
     would mix two runs' logs and checkpoints: refused on every rank, before any model loads."""
     if resume not in (None, "", False):
         return
-    from gill.checkpoint import CheckpointManager
+    from gill.training.checkpoint import CheckpointManager
 
     taken = [str(p) for p in (output_dir / "metrics.jsonl",) if p.exists()]
     taken += [str(p) for p in CheckpointManager(output_dir).complete()]

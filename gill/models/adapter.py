@@ -9,7 +9,7 @@
 * ``spatial`` — the layout adapter hooked into the UNet (generation).
 
 Exporting ``adapter.state_dict()`` gives exactly the artifact inference loads. For training,
-:meth:`GillAdapter.flatten` stores the trainables in one tensor (:mod:`gill.flat_params`); names and
+:meth:`GillAdapter.flatten` stores the trainables in one tensor (:mod:`gill.training.flat_params`); names and
 the state dict stay the same.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import math
 import torch
 from torch import nn
 
-from gill.flat_params import FlatParameters
-from gill.mapper import GillMapper
-from gill.spatial_adapter import SpatialAdapter
+from gill.training.flat_params import FlatParameters
+from gill.models.mapper import GillMapper
+from gill.models.spatial_adapter import SpatialAdapter
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gill import modes
+from gill.models import modes
 
 log = logging.getLogger(__name__)
 VAL_SEED = 1234  # the validation pass's own random stream: the same timesteps and noise every pass

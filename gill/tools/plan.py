@@ -1,6 +1,6 @@
 """Memory planner: the predicted per-GPU peak of one training step, before anything loads (issue 5).
 
-    python -m gill.plan model=kolors_random train.resolution=1024 train.micro_batch_size=1 \\
+    python -m gill.tools.plan model=kolors_random train.resolution=1024 train.micro_batch_size=1 \\
         [--world-size 3] [--card-gib 24] [--cached] [--optimizer deepspeed|torch] [other Hydra overrides]
 
 prints the peak broken down and whether it fits the card. How each term is obtained:
@@ -67,18 +67,18 @@ def frozen_modules(model_cfg, dtype: torch.dtype) -> dict[str, nn.Module]:
 
 @functools.lru_cache(maxsize=4)
 def _frozen_modules(name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
-    from gill.stack import build_random_modules
+    from gill.models.stack import build_random_modules
 
     if name in ("kolors", "kolors_random"):
-        # Kolors' dimensions (a real Kolors checkpoint has exactly these; see gill.stack).
+        # Kolors' dimensions (a real Kolors checkpoint has exactly these; see gill.models.stack).
         mods = build_random_modules("meta", dtype)
     elif name == "tiny":
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        from gill import tiny_stack as ts
-        from gill.stack import _default_dtype
+        from gill.models import tiny_stack as ts
+        from gill.models.stack import _default_dtype
 
         vocab = ts._padded_vocab_size(ts.TINY_SP_VOCAB_SIZE)
         with torch.device("meta"), _default_dtype(dtype):
@@ -97,7 +97,7 @@ def _frozen_modules(name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
 
 
 def build_adapter(model_cfg, mods: dict[str, nn.Module], dtype: torch.dtype):
-    from gill.adapter import GillAdapter
+    from gill.models.adapter import GillAdapter
 
     te, vision = mods["text_encoder"], mods["vision"]
     with torch.device("meta"):
@@ -236,7 +236,7 @@ def seq_lengths(model_cfg) -> dict[str, int]:
 
 def trace_chatglm(te: nn.Module, b: int, s: int, dtype, ckpt: bool, device="meta", exclude=()) -> tuple[int, int]:
     """(saved bytes, largest tensor) of one ChatGLM pass with grad w.r.t. its input embeddings."""
-    from gill.chatglm import run_chatglm
+    from gill.models.chatglm import run_chatglm
 
     units = list(te.encoder.layers)
     with torch.device(device):
@@ -376,7 +376,7 @@ def optimizer_bytes(strategy: str, n: int, world: int, ds: dict | None, esize: i
 def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False, optimizer: str = "deepspeed",
          dtype: torch.dtype = torch.bfloat16) -> Plan:
     """The per-GPU memory plan of one optimizer step for the composed config ``cfg``."""
-    from gill.ds_config import load_ds_file
+    from gill.training.ds_config import load_ds_file
 
     mc, tr = cfg.model, cfg.train
     b, res = int(tr.micro_batch_size), int(tr.resolution)
@@ -391,7 +391,7 @@ def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False,
     if ds is not None and cfg.deepspeed.get("overrides"):
         from omegaconf import OmegaConf
 
-        from gill.ds_config import _merge
+        from gill.training.ds_config import _merge
         ds = _merge(ds, OmegaConf.to_container(cfg.deepspeed.overrides, resolve=True))
     g, c = optimizer_bytes(optimizer if optimizer == "torch" else "deepspeed", n_train, world_size, ds, esize)
     gpu.update(g)
@@ -433,7 +433,7 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
         # no-grad peaks before the UNet runs: ChatGLM's prompt encoding keeps every layer's hidden
         # states (output_hidden_states); the VAE encoder's full-resolution maps (raw images only)
         prompt = (te.config.num_layers + 1) * b * int(mc.prompt_max_length) * te.config.hidden_size * esize
-        # gill.model.vae_posterior encodes one image at a time: the peak does not grow with the micro-batch
+        # gill.models.model.vae_posterior encodes one image at a time: the peak does not grow with the micro-batch
         vae_enc = 0 if cached else VAE_ENCODE_MAPS * vae.config.block_out_channels[0] * res * res * esize
         acts["generation"] = ModeActivation(saved, max(backward, prompt, vae_enc - saved),
                                             {"chatglm": img[0] - head, "lm_head": head, "unet": su,
@@ -453,10 +453,10 @@ def main(argv: list[str] | None = None) -> Plan:
 
     from hydra import compose, initialize_config_dir
 
-    conf = Path(__file__).resolve().parent.parent / "conf"
+    conf = Path(__file__).resolve().parents[2] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=list(args.overrides))
-    cached = args.cached or bool(cfg.get("cache", {}).get("dir"))  # the encoder cache (python -m gill.cache)
+    cached = args.cached or bool(cfg.get("cache", {}).get("dir"))  # the encoder cache (python -m gill.tools.build_encoder_cache)
     p = plan(cfg, args.world_size, args.card_gib, cached, args.optimizer)
     print(p.table())
     return p

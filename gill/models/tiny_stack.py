@@ -3,7 +3,7 @@
 Nothing here downloads anything. Every component is the *real* class (diffusers UNet/VAE/scheduler,
 the diffusers-bundled ChatGLM text encoder and tokenizer, a transformers CLIP vision tower) at tiny
 sizes, saved with `save_pretrained(..., safe_serialization=True)` in the real on-disk layout, so the
-production loading code in `gill.stack` is exercised unchanged by tests and CPU smoke runs:
+production loading code in `gill.models.stack` is exercised unchanged by tests and CPU smoke runs:
 
     <out_dir>/
       model_index.json          # as Kwai-Kolors/Kolors-diffusers has it
@@ -312,7 +312,7 @@ def build_tiny_stack(out_dir: str, seed: int = SEED, layout: str = "plain") -> s
     """Write the complete tiny Kolors-diffusers directory to `out_dir` (created); returns it.
 
     `layout`: "plain" (fp32, plain file names) or "published" (the Kolors-diffusers file layout, see the
-    module docstring). Both hold the same seeded models. Not atomic by itself: `gill.stack` builds into a
+    module docstring). Both hold the same seeded models. Not atomic by itself: `gill.models.stack` builds into a
     temp dir and renames it into the cache.
     """
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
