@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from gill.bench import detector, grounding
+from gill.bench import detector, grounding, grounding_metrics, grounding_presets, standin, standin_text_vision
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
 from gill.training.validation import render_validation_images
@@ -42,10 +42,10 @@ def test_detector_scores_real_images_perfectly():
 
 
 def test_pixel_vae_round_trip_is_pooling_and_upsampling(tmp_path):
-    vae = grounding.build_pixel_vae()
+    vae = standin.build_pixel_vae()
     ds = SyntheticLayoutDataset(16, 64, split="test")
     items = [ds[i] for i in range(16)]
-    x = grounding._images_tensor(items, "cpu")
+    x = standin._images_tensor(items, "cpu")
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
         pooled = torch.nn.functional.avg_pool2d(x, 4)
@@ -56,7 +56,7 @@ def test_pixel_vae_round_trip_is_pooling_and_upsampling(tmp_path):
     # The detector on round-tripped real images (saved and loaded as a stack's vae/): the ceiling any generator
     # behind this VAE can reach (48 test layouts: mIoU 0.745, success 0.935; 4x4 pooling blurs the shapes' edges).
     vae.save_pretrained(tmp_path / "vae")
-    s = grounding.vae_ceiling_scores(tmp_path, items, "cpu")
+    s = grounding_metrics.vae_ceiling_scores(tmp_path, items, "cpu")
     assert 0.6 < s["miou"] < 0.9 and s["success"] > 0.75 and s["found"] == 1.0, s
 
 
@@ -65,7 +65,7 @@ def test_render_validation_images(tiny_stack, tmp_path):
 
     from gill.models.model import GillModel
 
-    model = GillModel(tiny_stack, OmegaConf.load(grounding.REPO / "conf" / "model" / "tiny.yaml"))
+    model = GillModel(tiny_stack, OmegaConf.load(grounding_presets.REPO / "conf" / "model" / "tiny.yaml"))
     try:
         ds = SyntheticLayoutDataset(2, 64, split="val")
         batch = collate_layout([ds[0], ds[1]])
@@ -103,12 +103,12 @@ def test_standin_from_cached_text_vision_equals_fresh_build(tmp_path):
     """The text encoder + tower are cached on their own (so a UNet-only change does not retrain them);
     a stand-in built from that cache must be the one a from-scratch build gives: same weights, because
     the cache also restores the random stream the UNet's training continues."""
-    p = grounding.apply_settings(grounding.PRESETS["ci"], ["pool=32", "tv_steps=3", "tv_batch=4", "unet_steps=3",
+    p = grounding_presets.apply_settings(grounding_presets.PRESETS["ci"], ["pool=32", "tv_steps=3", "tv_batch=4", "unet_steps=3",
                                                            "unet_batch=4"])
     first, stats = grounding.build_standin(tmp_path, p, torch.device("cpu"))
     fresh = {"unet": (first / "unet" / "diffusion_pytorch_model.safetensors").read_bytes(),
              "image_encoder": (first / "image_encoder" / "model.safetensors").read_bytes()}
-    assert grounding.text_vision_cache(tmp_path, p, 0).is_dir()
+    assert standin_text_vision.text_vision_cache(tmp_path, p, 0).is_dir()
     shutil.rmtree(first)
     again, stats2 = grounding.build_standin(tmp_path, p, torch.device("cpu"))
     assert again == first
@@ -120,9 +120,9 @@ def test_standin_from_cached_text_vision_equals_fresh_build(tmp_path):
 def test_layout_guidance_setting():
     """`negative="caption"` (the cpu/gpu presets' layout guidance) makes the caption the unconditional
     branch's prompt; "empty" keeps KolorsPipeline's empty one; anything else is refused, not ignored."""
-    cpu = grounding.PRESETS["cpu"]
-    assert cpu.negative == "caption" and grounding.negative_prompt(cpu, "红色圆形") == "红色圆形"
-    empty = grounding.apply_settings(cpu, ["negative=empty"])
-    assert grounding.negative_prompt(empty, "红色圆形") == ""
+    cpu = grounding_presets.PRESETS["cpu"]
+    assert cpu.negative == "caption" and grounding_metrics.negative_prompt(cpu, "红色圆形") == "红色圆形"
+    empty = grounding_presets.apply_settings(cpu, ["negative=empty"])
+    assert grounding_metrics.negative_prompt(empty, "红色圆形") == ""
     with pytest.raises(ValueError, match="negative"):
-        grounding.negative_prompt(grounding.apply_settings(cpu, ["negative=none"]), "红色圆形")
+        grounding_metrics.negative_prompt(grounding_presets.apply_settings(cpu, ["negative=none"]), "红色圆形")
