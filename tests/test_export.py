@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # trains in a child process
 def test_export_checkpoint_equals_the_adapter_training_writes(tiny_stack_dir, tmp_path, child_env):
     out = tmp_path / "run"
     train = subprocess.run(

@@ -160,6 +160,7 @@ def test_kolors_preset_trains_at_1024_unless_overridden():
         assert "model=kolors" in text and "train.resolution" not in text, script
 
 
+@pytest.mark.slow  # builds the cache and trains in child processes
 def test_model_kolors_builds_the_cache_and_trains_from_published_files(published_dir, tmp_path, child_env):
     """`python -m gill.tools.build_encoder_cache` and `train_ds.py` with model=kolors pointed at the published-layout files."""
     paths = [f"model.pretrained_path={published_dir}", f"model.vision_path={published_dir}/image_encoder"]

@@ -14,6 +14,8 @@ from gill.training.checkpoint import MARKER, CheckpointManager, damage
 from gill.training.ds_config import ConfigError
 from gill.training.recipe import run
 
+pytestmark = pytest.mark.slow  # trains and resumes runs
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -34,7 +34,7 @@ def test_recall_moves_with_the_heads_and_losses_hold_still(tiny_stack, tiny_stac
         heads = [*model.adapter.text_proj.parameters(), *model.adapter.image_proj.parameters()]
         opt = torch.optim.Adam(heads, lr=1e-2)
         for _ in range(300):
-            txt = F.normalize(model.adapter.text_proj(hidden).mean(1), dim=-1)
+            txt = F.normalize(model.adapter.text_embedding(hidden), dim=-1)  # as the retrieval mode embeds
             img = F.normalize(model.adapter.image_proj(vision), dim=-1)
             logits = 20 * txt @ img.T
             target = torch.arange(len(txt))
