@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training-step benchmark: memory and speed of one full three-mode optimizer step (issue 5).
+"""Training-step benchmark: memory and speed of one full three-mode optimizer step.
 
 One process, one frozen stack (``kolors_random`` at real Kolors dimensions, bf16 on the GPU; ``--tiny``
 runs the tiny stack on the CPU to test the script), and for each strategy a fresh adapter + optimizer:
@@ -509,7 +509,7 @@ def cleanup(device):
 # ------------------------------------------------------------------------------------------------
 def fmt_table(rows: list[dict], meta: dict) -> str:
     lines = [
-        "# Training-step benchmark (issue 5)",
+        "# Training-step benchmark",
         "",
         f"Produced by `{meta['command']}` on {meta['device']} ({meta['when']}); torch {meta['torch']}. "
         f"Stack: `{meta['model']}` in {meta['dtype']}, frozen weights {meta.get('static_gib', 0):.2f} GiB on the GPU. "

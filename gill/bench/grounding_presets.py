@@ -64,14 +64,16 @@ PRESETS = {
     # adapter_high_noise 0.5 (half the adapter's timesteps from the noisier half): success 0.538 -> 0.570 at 3000 steps
     # (mIoU 0.511 -> 0.512); 6000 steps did not help (0.506). cr_steps 600 / 1500 / 3000: recall@1 t2i 0.859 / 0.891 /
     # 0.906, i2t 0.906 / 0.906 / 0.922, caption exact 0.234 / 0.203 / 0.203 (docs/grounding_benchmark.md)
-    # session 4: a 128-wide, 4-layer tower pretrained 6000 x 64 (caption exact 0.203 -> 0.750, recall@1 0.906 / 0.922
-    # -> 0.984 / 0.984); negative "caption" (guidance on the layout alone): on session 3's stand-in and cross adapter,
-    # mIoU 0.512 -> 0.571, success 0.570 -> 0.699 against "empty" (guidance 1.5 with "empty": 0.468)
-    # session 5: the tower pretrained 9000 steps instead of 6000 (held-out head caption exact 0.641 -> 0.797; ~68 min on
-    # one thread); the UNet and the adapters retrained on it: cross mIoU 0.573 -> 0.570 (the pixel VAE caps it at 0.745)
+    # 2026-11-30: a 128-wide, 4-layer tower pretrained 6000 x 64 (caption exact 0.203 -> 0.750, recall@1
+    # 0.906 / 0.922 -> 0.984 / 0.984); negative "caption" (guidance on the layout alone): on the 2026-11-29
+    # stand-in and cross adapter, mIoU 0.512 -> 0.571, success 0.570 -> 0.699 against "empty" (guidance 1.5 with
+    # "empty": 0.468)
+    # 2026-11-30, later: the tower pretrained 9000 steps instead of 6000 (held-out head caption exact 0.641 ->
+    # 0.797; ~68 min on one thread); the UNet and the adapters retrained on it: cross mIoU 0.573 -> 0.570 (the
+    # pixel VAE caps it at 0.745)
     "cpu": Preset("cpu", adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000, vision_width=128, vision_layers=4,
                   tv_steps=9000, tv_batch=64, negative="caption"),
-    # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound (session 4: the 128-wide tower's
+    # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound (2026-11-30: the 128-wide tower's
     # pretraining ran ~70 ms/step at batch 64 on an H200, ~5x one CPU thread), so it buys batch, pool and evaluation
     # size: 4x the UNet batch on 4x the pool, 2x the adapter and captioning batches, 128 layouts and 256 pairs. The
     # tower pretrains 6000 steps, not the cpu preset's 9000: ~7 min, so the stage fits one 10-minute device call (it

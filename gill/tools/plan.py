@@ -1,4 +1,4 @@
-"""Memory planner: the predicted per-GPU peak of one training step, before anything loads (issue 5).
+"""Memory planner: the predicted per-GPU peak of one training step, before anything loads.
 
     python -m gill.tools.plan model=kolors_random train.resolution=1024 train.micro_batch_size=1 \\
         [--world-size 3] [--card-gib 24] [--cached] [--optimizer deepspeed|torch] [other Hydra overrides]
