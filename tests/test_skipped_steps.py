@@ -15,7 +15,8 @@ from gill.training.ds_config import build_ds_config
 from gill.training.ds_exactness import DeepSpeedInternalsError, check_deepspeed_internals
 from gill.models.model import MODES
 from gill.training.recipe import build_engine, build_loader
-from gill.training.trainer import NonFiniteLossError, Trainer, optimizer_step
+from gill.training.recipe import optimizer_step
+from gill.training.trainer import NonFiniteLossError, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 

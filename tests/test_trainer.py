@@ -21,7 +21,7 @@ from gill.training.ds_config import ConfigError, build_ds_config
 from gill.models.model import MODES, GillModel
 from gill.training.recipe import build_engine
 from gill.models.stack import load_stack
-from gill.training.trainer import optimizer_step
+from gill.training.recipe import optimizer_step
 
 ROOT = Path(__file__).resolve().parent.parent
 

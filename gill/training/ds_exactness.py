@@ -1,10 +1,17 @@
-"""Workarounds for DeepSpeed 0.19.8 behaviour that breaks exactness, each pinned by a test.
+"""Every fix that keeps a DeepSpeed step exact, each with its reason and the test that pins it.
 
-* :func:`touch_all_trainables` + :func:`reset_offload_accumulators` — ZeRO-2 with the optimizer
-  offloaded loses or leaks gradients of parameters that do not get a gradient in every backward
-  (tests/test_trainer.py parity test).
-* :func:`make_cpu_adam_history_free` — DeepSpeedCPUAdam's bias correction depends on the
-  process's history, so a resumed run drifts from an uninterrupted one (resume test).
+* :func:`touch_all_trainables` + :func:`reset_offload_accumulators` — DeepSpeed 0.19.8's ZeRO-2 with the
+  optimizer offloaded loses or leaks gradients of parameters that do not get a gradient in every backward
+  (tests/test_trainer.py, ``test_zero2_offload_step_matches_plain_pytorch_exactly``).
+* :func:`make_cpu_adam_history_free` — DeepSpeedCPUAdam's bias correction depends on the process's
+  history, so a resumed run drifts from an uninterrupted one (tests/test_trainer.py,
+  ``test_resume_after_kill_is_exact``).
+* :func:`zero_surrogate` + :func:`hold_update` / :func:`release_update` — a step with a non-finite loss on
+  any rank must still run the collective backward and boundary step on every rank, and must change no
+  weight: the loss becomes a zero with a graph and the boundary step runs at lr 0 (DeepSpeed has no
+  "skip this step" call); if DeepSpeed skips that step itself (non-finite gradient), the scheduler does
+  not step either and the lr is put back by hand (tests/test_skipped_steps.py, tests/test_trainer.py
+  ``test_nan_steps_are_skipped_then_the_run_stops``).
 
 Both reach into DeepSpeed's private attributes. :func:`check_deepspeed_internals` asserts at start-up
 that they exist (a renamed attribute would otherwise turn a workaround into a silent no-op); the
@@ -54,6 +61,26 @@ def check_deepspeed_internals(engine) -> None:
         _require(base, "opt_id", "make_cpu_adam_history_free")
         if not getattr(base, "_gill_history_free", False):
             raise DeepSpeedInternalsError("DeepSpeedCPUAdam was not patched by make_cpu_adam_history_free")
+
+
+def zero_surrogate(model) -> torch.Tensor:
+    """A zero loss with a graph: lets a rank take part in the collective backward without touching weights."""
+    return model.adapter.logit_scale * 0.0
+
+
+def hold_update(engine) -> list[float]:
+    """Set every lr to 0 for the coming boundary step (its update is skipped); returns the lrs to put back.
+    Normally the LR scheduler's step right after the boundary restores them by itself."""
+    lrs = [group["lr"] for group in engine.optimizer.param_groups]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    return lrs
+
+
+def release_update(engine, lrs: list[float]) -> None:
+    """Put back the lrs of :func:`hold_update` when DeepSpeed skipped the boundary step (and so its scheduler)."""
+    for group, lr in zip(engine.optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 def touch_all_trainables(model) -> torch.Tensor:

@@ -1,6 +1,18 @@
-"""The training recipe: composed config -> checks -> stack + adapter -> DeepSpeed engine -> Trainer.
+"""The training recipe, top to bottom: command line -> checks -> stack + adapter -> DeepSpeed engine -> steps.
 
-Order matters: every check that can fail on the config alone runs before any model loads.
+``train_ds.py`` (Hydra) calls :func:`run`: every check that can fail on the config alone runs first, then
+the frozen stack and the adapter are built (:func:`build_engine`), then :class:`gill.training.trainer.Trainer`
+loops, and each of its steps is :func:`optimizer_step`::
+
+    for batch in micro_batches:
+        for mode in modes:                     # captioning, retrieval, generation (gill/models/modes.py)
+            loss = engine(batch, mode)["loss"] * weight
+            engine.backward(loss)              # this mode's graph is freed here
+            engine.step()                      # DeepSpeed updates on the accumulation boundary only
+
+DeepSpeed's ``gradient_accumulation_steps`` is ``len(modes) x grad_accum``, so only one mode's activations
+are alive at a time and the update is the mean over modes and micro-batches. The few lines DeepSpeed needs
+to stay exact come from ``gill/training/ds_exactness.py``.
 """
 from __future__ import annotations
 
@@ -21,7 +33,15 @@ from gill.data.encoder_cache import cache_enabled, open_cache
 from gill.data.collate import build_dataset, collate_layout
 from gill.data.sampler import ResumableDistributedSampler
 from gill.training.ds_config import build_ds_config, resolve_precision
-from gill.training.ds_exactness import check_deepspeed_internals, make_cpu_adam_history_free
+from gill.training.ds_exactness import (
+    check_deepspeed_internals,
+    hold_update,
+    make_cpu_adam_history_free,
+    release_update,
+    reset_offload_accumulators,
+    touch_all_trainables,
+    zero_surrogate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +110,67 @@ def make_scheduler(optimizer, lr_fn):
     """DeepSpeed hands its base optimizer here; patch it before the scheduler wraps its ``step``."""
     make_cpu_adam_history_free(optimizer)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_fn)
+
+
+def optimizer_step(
+    engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None, after_micro_step=None
+) -> dict:
+    """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
+
+    ``before_update(engine)`` runs after the last backward, before the update (gradient probes);
+    ``after_micro_step(mode)`` after each mode's backward + ``engine.step()`` (per-mode timing).
+
+    A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
+    backward is collective), and the update is skipped by running the boundary step at lr 0: no
+    poisoned value reaches the weights (Adam's moments and step count still take in the step's finite
+    gradients, tests/test_skipped_steps.py). A finite loss whose gradient is not finite is caught by
+    DeepSpeed itself (its global norm check): it drops the gradients and skips the update, the
+    moments and the LR schedule (``engine.was_step_applied()`` is false). Either way
+    ``metrics["skipped"]`` is 1; ``metrics["grad_overflow"]`` tells the second kind.
+    """
+    model = engine.module
+    sums: dict[str, float] = {}
+    poisoned = False
+    n_micro = len(micro_batches) * len(modes)
+    i = 0
+    for batch in micro_batches:
+        for mode in modes:
+            i += 1
+            out = engine(batch, mode)
+            loss = out["loss"] * float(mode_weights.get(mode, 1.0))
+            bad = distributed.any_rank(not bool(torch.isfinite(loss.detach()).all()))
+            if bad:
+                log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
+                poisoned = True
+                loss = zero_surrogate(model)
+            if i == n_micro:
+                loss = loss + touch_all_trainables(model)
+            if i == n_micro and poisoned:
+                lrs = hold_update(engine)
+            engine.backward(loss)
+            if i == n_micro and before_update is not None:
+                before_update(engine)
+            engine.step()
+            if i == n_micro:
+                reset_offload_accumulators(engine)
+                overflow = not engine.was_step_applied()
+                if overflow:
+                    log.warning("non-finite gradient with finite losses: DeepSpeed skipped this optimizer step")
+                    if poisoned:  # DeepSpeed skipped the scheduler's step too: lr 0 would stay
+                        release_update(engine, lrs)
+            del loss
+            if after_micro_step is not None:
+                after_micro_step(mode)
+            # Metrics stay on the device until the step ends: reading one now would stall the GPU
+            # while Python prepares the next mode.
+            for k, v in out.items():
+                key = f"{mode}/{k}"
+                sums[key] = sums.get(key, 0.0) + v.detach().float().mean() / len(micro_batches)
+            del out
+    metrics = {k: float(v) for k, v in sums.items()}
+    metrics["skipped"] = float(poisoned or overflow)
+    metrics["grad_overflow"] = float(overflow)
+    return metrics
 
 
 def run(cfg, hydra_output_dir: str | None = None) -> dict:

@@ -1,13 +1,10 @@
-"""The training loop: one optimizer step = every mode of every micro-batch, one backward each.
+"""The loop around the optimizer step: data position, logging, validation, checkpoints, stopping.
 
-For each micro-batch, for each mode in a fixed order: forward -> ``engine.backward`` -> the graph
-is freed -> next mode. DeepSpeed accumulates ``len(modes) x grad_accum`` micro-steps and applies
-the optimizer on the boundary, so peak activation memory is one mode's graph, not three (the seed's
-OOM). Every rank runs the same modes in the same order: ZeRO-2 reduces during each backward.
-
-Also here: non-finite loss handling, progress/TensorBoard logging, periodic validation,
-checkpoint/resume, SIGTERM/SIGINT and ``train.time_limit_min`` (finish the step, save, exit 0), and the
-per-rank resource report at the end (gill/tools/resources.py).
+:meth:`Trainer.fit` draws ``grad_accum`` micro-batches per step and hands them to
+:func:`gill.training.recipe.optimizer_step` (where every mode's forward and ``engine.backward`` run).
+Around it: counting skipped steps toward ``train.max_bad_steps``, progress/TensorBoard logging,
+periodic validation, checkpoint/resume, SIGTERM/SIGINT and ``train.time_limit_min`` (finish the step,
+save, exit 0), and the per-rank resource report at the end (gill/tools/resources.py).
 """
 from __future__ import annotations
 
@@ -23,7 +20,7 @@ import torch
 from gill.training import distributed
 from gill.tools import resources
 from gill.training.checkpoint import CheckpointManager, adapter_digest, atomic_write_text, export_adapter, resume_record
-from gill.training.ds_exactness import reset_offload_accumulators, touch_all_trainables
+from gill.training.recipe import optimizer_step
 from gill.tools.profiling import StepProfiler
 
 log = logging.getLogger(__name__)
@@ -31,79 +28,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def zero_surrogate(model) -> torch.Tensor:
-    """A zero loss with a graph: lets a rank take part in the backward without touching weights."""
-    return model.adapter.logit_scale * 0.0
-
-
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def optimizer_step(
-    engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None, after_micro_step=None
-) -> dict:
-    """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
-
-    ``before_update(engine)`` runs after the last backward, before the update (gradient probes);
-    ``after_micro_step(mode)`` after each mode's backward + ``engine.step()`` (per-mode timing).
-
-    A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
-    backward is collective), and the update is skipped by running the boundary step at lr 0: no
-    poisoned value reaches the weights (Adam's moments and step count still take in the step's finite
-    gradients, tests/test_skipped_steps.py). A finite loss whose gradient is not finite is caught by
-    DeepSpeed itself (its global norm check): it drops the gradients and skips the update, the
-    moments and the LR schedule (``engine.was_step_applied()`` is false). Either way
-    ``metrics["skipped"]`` is 1; ``metrics["grad_overflow"]`` tells the second kind.
-    """
-    model = engine.module
-    sums: dict[str, float] = {}
-    poisoned = False
-    n_micro = len(micro_batches) * len(modes)
-    i = 0
-    for batch in micro_batches:
-        for mode in modes:
-            i += 1
-            out = engine(batch, mode)
-            loss = out["loss"] * float(mode_weights.get(mode, 1.0))
-            bad = distributed.any_rank(not bool(torch.isfinite(loss.detach()).all()))
-            if bad:
-                log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
-                poisoned = True
-                loss = zero_surrogate(model)
-            if i == n_micro:
-                loss = loss + touch_all_trainables(model)
-            if i == n_micro and poisoned:
-                lrs = [group["lr"] for group in engine.optimizer.param_groups]
-                set_lr(engine, 0.0)  # the scheduler's step right after restores it
-            engine.backward(loss)
-            if i == n_micro and before_update is not None:
-                before_update(engine)
-            engine.step()
-            if i == n_micro:
-                reset_offload_accumulators(engine)
-                overflow = not engine.was_step_applied()
-                if overflow:
-                    log.warning("non-finite gradient with finite losses: DeepSpeed skipped this optimizer step")
-                    if poisoned:  # DeepSpeed skipped the scheduler's step too: lr 0 would stay
-                        for group, lr in zip(engine.optimizer.param_groups, lrs):
-                            group["lr"] = lr
-            del loss
-            if after_micro_step is not None:
-                after_micro_step(mode)
-            # Metrics stay on the device until the step ends: reading one now would stall the GPU
-            # while Python prepares the next mode.
-            for k, v in out.items():
-                key = f"{mode}/{k}"
-                sums[key] = sums.get(key, 0.0) + v.detach().float().mean() / len(micro_batches)
-            del out
-    metrics = {k: float(v) for k, v in sums.items()}
-    metrics["skipped"] = float(poisoned or overflow)
-    metrics["grad_overflow"] = float(overflow)
-    return metrics
 
 
 class Trainer:
