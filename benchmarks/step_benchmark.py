@@ -34,7 +34,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``TRAINER_RECIPES``) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
 as a row. Every row reports its timed steps (``--steps``, default 10) and the allocator's retries in them.
 
-DeepSpeed rows run the trainer's own ``gill.training.trainer.optimizer_step``. With the optimizer offloaded
+DeepSpeed rows run the trainer's own ``gill.training.recipe.optimizer_step``. With the optimizer offloaded
 they use the DeepSpeed config's optimizer (``DeepSpeedCPUAdam``, what the recipe trains with; JIT-built
 on first use, set ``TORCH_EXTENSIONS_DIR`` to keep the build); ``--client-adam`` swaps in torch AdamW.
 
@@ -273,7 +273,7 @@ def write_profile(one_step, path: Path, device) -> None:
 
 def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, profile_path: Path | None = None) -> dict:
     from gill.models.model import GillModel
-    from gill.training.trainer import optimizer_step
+    from gill.training.recipe import optimizer_step
 
     spec = variant_spec(variant)
     modes = ["captioning", "retrieval", "generation"]
