@@ -38,7 +38,8 @@ def child_env() -> dict:
     """Environment for a training run in a child process: its own process group, so none of the
     rendezvous variables an in-process test set (they would point it at this process's port)."""
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack to the captured stderr.
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     return env
 
 

@@ -6,6 +6,7 @@ argument the ``deepspeed`` launcher appends is stripped before Hydra parses the 
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -112,8 +113,10 @@ def shutdown() -> None:
     """Leave the process group together, at the end of a launched run: a rank that exits with the
     backend's threads still alive can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
+        gc.collect()  # pending work objects and their tensors go before the backend's threads do
         barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _collective_device() -> torch.device:

@@ -16,6 +16,7 @@ to stay exact come from ``gill/training/ds_exactness.py``.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -227,6 +228,12 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     metrics = trainer.fit()
     if distributed.is_main():
         log.info("done: %d steps, adapter at %s", trainer.step, output_dir / "adapter.safetensors")
+    # Free the engine (optimizer, gradient hooks, communication handles) while the interpreter is fully
+    # alive: left to interpreter teardown, a backend thread that still holds a tensor can abort a rank
+    # after a finished run ("terminate called without an active exception").
+    engine.destroy()
+    del trainer, engine, loader, val_loader
+    gc.collect()
     return metrics
 
 
