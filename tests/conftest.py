@@ -18,6 +18,23 @@ RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PO
 torch.set_num_threads(int(os.environ.get("GILL_TEST_THREADS", "1")))
 
 
+def tiny_model(stack_dir, **overrides):
+    """A fresh ``GillModel`` on its own copy of the tiny stack (the spatial adapter hooks into the UNet it is
+    given), seeded; ``overrides`` are dotted keys of conf/model/tiny.yaml. Returns the model and its config."""
+    from omegaconf import OmegaConf
+
+    from gill.models.model import GillModel
+    from gill.models.stack import load_stack
+
+    cfg = OmegaConf.load(ROOT / "conf/model/tiny.yaml")
+    cfg.pretrained_path = stack_dir
+    for k, v in overrides.items():
+        OmegaConf.update(cfg, k, v)
+    stack = load_stack(cfg, device="cpu", dtype=torch.float32)
+    torch.manual_seed(0)
+    return GillModel(stack, cfg), cfg
+
+
 @pytest.fixture(scope="session")
 def tiny_stack_dir(tmp_path_factory) -> str:
     from gill.models.stack import ensure_tiny_stack

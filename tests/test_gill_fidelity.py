@@ -13,20 +13,11 @@ from gill.data.synthetic import SyntheticLayoutDataset
 from gill.inference.interleaved import continue_prompt, generate_for_text, img_emission
 from gill.inference.loading import load_trained, save_adapter
 from gill.inference.retrieval import RetrievalIndex
-from gill.models.model import GillModel
-from gill.models.stack import load_stack
-
-MODEL_CFG = "conf/model/tiny.yaml"
+from conftest import tiny_model
 
 
 def make_model(stack_dir, **overrides):
-    cfg = OmegaConf.load(MODEL_CFG)
-    cfg.pretrained_path = stack_dir
-    for k, v in overrides.items():
-        OmegaConf.update(cfg, k, v)
-    stack = load_stack(cfg, device="cpu", dtype=torch.float32)
-    torch.manual_seed(0)
-    model = GillModel(stack, cfg)
+    model, cfg = tiny_model(stack_dir, **overrides)
     model.adapter.spatial.detach()  # these tests never run the UNet's layout path
     return model, cfg
 

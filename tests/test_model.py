@@ -6,21 +6,13 @@ from omegaconf import OmegaConf
 from gill.models.chatglm import encode_prompt
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
-from gill.models.model import GillModel
-from gill.models.stack import load_stack
+from conftest import tiny_model
 
 MODEL_CFG = "conf/model/tiny.yaml"
 
 
 def make_model(stack_dir, **adapter_overrides):
-    cfg = OmegaConf.load(MODEL_CFG)
-    cfg.pretrained_path = stack_dir
-    for k, v in adapter_overrides.items():
-        OmegaConf.update(cfg, k, v)
-    # A fresh stack per model: the spatial adapter hooks into the UNet it is given.
-    stack = load_stack(cfg, device="cpu", dtype=torch.float32)
-    torch.manual_seed(0)
-    return GillModel(stack, cfg)
+    return tiny_model(stack_dir, **adapter_overrides)[0]
 
 
 @pytest.fixture(scope="module")

@@ -290,9 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a Preset field for this run, e.g. --set adapter_high_noise=0.5 (repeatable)")
-    ap.add_argument("--only", choices=["text-vision"], default=None,
+    ap.add_argument("--only", choices=["text-vision", "standin"], default=None,
                     help="text-vision: only pretrain the stand-in's text encoder and tower, print their held-out numbers "
-                         "as JSON (nothing cached or written; for tuning the vision_* / tv_* fields)")
+                         "as JSON (nothing cached or written; for tuning the vision_* / tv_* fields); "
+                         "standin: only build (or reuse) the stand-in stack and print its folder and build stats")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the trainer's progress bar; the log says enough
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -301,6 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir or Path.home() / ".cache" / "gill" / "bench")
     if args.only == "text-vision":
         res = probe_text_vision(apply_settings(PRESETS[args.preset], args.set), device, args.seed)
+        print(json.dumps(res, ensure_ascii=False, indent=1))
+        return res
+    if args.only == "standin":
+        work.mkdir(parents=True, exist_ok=True)
+        stack_dir, stats = build_standin(work, apply_settings(PRESETS[args.preset], args.set), device, args.seed)
+        res = {"stack_dir": str(stack_dir), "build": stats}
         print(json.dumps(res, ensure_ascii=False, indent=1))
         return res
     injections = ["self", "cross"] if args.injection == "both" else [args.injection]
