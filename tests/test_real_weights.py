@@ -155,7 +155,7 @@ def test_kolors_preset_trains_at_1024_unless_overridden():
     tiny = compose_config([])
     assert tiny.train.resolution == 64 and tiny.model.variant is None
     assert compose_config(["model=tiny", "train.resolution=128"]).train.resolution == 128
-    for script in ("train_1gpu.sh", "train_3gpu.sh", "train_multinode.sh"):
+    for script in ("train_24gb.sh", "train_multinode.sh"):
         text = (ROOT / "launch" / script).read_text()
         assert "model=kolors" in text and "train.resolution" not in text, script
 

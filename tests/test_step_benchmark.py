@@ -12,15 +12,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def launch_args(tmp_path, *extra) -> list[str]:
-    """The arguments launch/train_1gpu.sh hands to `deepspeed` (a stub on PATH records them)."""
+def launch_args(tmp_path, *extra, script: str = "train_1gpu.sh") -> list[str]:
+    """The arguments ``launch/<script>`` hands to `deepspeed` (a stub on PATH records them)."""
     stub = tmp_path / "bin" / "deepspeed"
     stub.parent.mkdir(exist_ok=True)
     record = tmp_path / "args.txt"
     stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
     stub.chmod(0o755)
     env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}")
-    subprocess.run(["bash", str(ROOT / "launch" / "train_1gpu.sh"), *extra], check=True, env=env, timeout=60)
+    subprocess.run(["bash", str(ROOT / "launch" / script), *extra], check=True, env=env, timeout=60)
     return record.read_text().splitlines()
 
 
@@ -38,6 +38,13 @@ def test_launch_script_micro_batch_follows_the_encoder_cache(tmp_path):
     assert "train.micro_batch_size=4" in launch_args(tmp_path, "cache.dir=data/cache-1024")
     # a later override still wins (Hydra: last value)
     assert launch_args(tmp_path, "train.micro_batch_size=3")[-1] == "train.micro_batch_size=3"
+
+
+def test_one_and_three_gpu_scripts_launch_the_same_24gb_recipe(tmp_path):
+    one, three = launch_args(tmp_path), launch_args(tmp_path, script="train_3gpu.sh")
+    assert one[0] == "--num_gpus=1" and three[0] == "--num_gpus=3"
+    assert one[1:] == three[1:] and "deepspeed=zero2" in three
+    assert launch_args(tmp_path, "cache.dir=c", script="train_3gpu.sh")[1:] == launch_args(tmp_path, "cache.dir=c")[1:]
 
 
 def test_trainer_recipes_compose_on_the_launch_script(tmp_path):
