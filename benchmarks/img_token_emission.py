@@ -95,33 +95,46 @@ def parse_run(text: str):
     return name, modes.split("+"), int(steps), overrides
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, help="NAME:MODES:STEPS[:key=value,...]")
+    p.add_argument("--stack", default=None,
+                   help="frozen stack folder for every run (default: the tiny stack, whose ChatGLM is random); "
+                        "a pretrained one: python -m gill.bench.grounding --preset ci --only standin")
     p.add_argument("--train-samples", type=int, default=256)
     p.add_argument("--eval-samples", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedule", default="constant", choices=("constant", "cosine"), help="learning-rate schedule")
-    args = p.parse_args(argv)
-    torch.set_num_threads(1)
+    return p.parse_args(argv)
 
+
+def measure(spec: str, args: argparse.Namespace) -> tuple:
+    """Train one ``--run`` and measure it: (name, modes, steps, overrides, before, after, seconds)."""
+    name, modes, steps, overrides = parse_run(spec)
+    if args.stack:
+        overrides = {"pretrained_path": args.stack, **overrides}
+    model = build(overrides, args.seed)
+    train_ds = SyntheticLayoutDataset(args.train_samples, resolution=64, seed=args.seed, split="train")
+    eval_ds = SyntheticLayoutDataset(args.eval_samples, resolution=64, seed=args.seed, split="val")
+    bs = args.batch_size
+    data = [with_features(model, [train_ds[i] for i in range(s, min(s + bs, len(train_ds)))]) for s in range(0, len(train_ds), bs)]
+    evals = [with_features(model, [eval_ds[i] for i in range(s, min(s + bs, len(eval_ds)))]) for s in range(0, len(eval_ds), bs)]
+    before = img_emission(model, [c for b in evals for c in b["captions"]])
+    t0 = time.time()
+    train(model, data, modes, steps, args.lr, args.schedule)
+    res = held_out(model, evals, modes)
+    return name, "+".join(modes), steps, overrides, before, res, time.time() - t0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
     rows = []
     for spec in args.run:
-        name, modes, steps, overrides = parse_run(spec)
-        model = build(overrides, args.seed)
-        train_ds = SyntheticLayoutDataset(args.train_samples, resolution=64, seed=args.seed, split="train")
-        eval_ds = SyntheticLayoutDataset(args.eval_samples, resolution=64, seed=args.seed, split="val")
-        bs = args.batch_size
-        data = [with_features(model, [train_ds[i] for i in range(s, min(s + bs, len(train_ds)))]) for s in range(0, len(train_ds), bs)]
-        evals = [with_features(model, [eval_ds[i] for i in range(s, min(s + bs, len(eval_ds)))]) for s in range(0, len(eval_ds), bs)]
-        before = img_emission(model, [c for b in evals for c in b["captions"]])
-        t0 = time.time()
-        train(model, data, modes, steps, args.lr, args.schedule)
-        res = held_out(model, evals, modes)
-        rows.append((name, "+".join(modes), steps, overrides, before, res, time.time() - t0))
-        print(f"# {name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        rows.append(measure(spec, args))
+        print(f"# {rows[-1][0]}: done in {rows[-1][-1]:.0f} s", file=sys.stderr, flush=True)
 
     print("| run | modes | steps | overrides | [IMG0] at end (before -> after) | [IMG0] inside (before -> after) "
           "| t2i R@1 | mapper loss |")

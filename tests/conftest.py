@@ -44,6 +44,31 @@ def tiny_stack_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def ci_bench_dir(tmp_path_factory) -> Path:
+    """The grounding benchmark's work folder holding its ``ci`` stand-in stack (a tiny stack whose ChatGLM and
+    CLIP tower are pretrained on the synthetic captions and images; ~2.5 min on one CPU thread), built once."""
+    from gill.bench.grounding import build_standin
+    from gill.bench.grounding_presets import PRESETS
+
+    work = tmp_path_factory.mktemp("grounding-bench")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_standin(work, PRESETS["ci"], torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    return work
+
+
+@pytest.fixture(scope="session")
+def ci_standin_dir(ci_bench_dir) -> str:
+    from gill.bench.grounding import build_standin
+    from gill.bench.grounding_presets import PRESETS
+
+    return str(build_standin(ci_bench_dir, PRESETS["ci"], torch.device("cpu"))[0])  # reuses the built one
+
+
+@pytest.fixture(scope="session")
 def tiny_stack(tiny_stack_dir):
     from gill.models.stack import load_stack
 

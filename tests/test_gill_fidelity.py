@@ -2,6 +2,7 @@
 first-position retrieval embeddings, the mapper reading hidden states + [IMG] embeddings, [IMG] input
 rows at the vocabulary's mean norm, and inference in which the model decides when to show an image."""
 import json
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from gill.data.synthetic import SyntheticLayoutDataset
 from gill.inference.interleaved import continue_prompt, generate_for_text, img_emission
 from gill.inference.loading import load_trained, save_adapter
 from gill.inference.retrieval import RetrievalIndex
-from conftest import tiny_model
+from conftest import ROOT, tiny_model
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def make_model(stack_dir, **overrides):
@@ -204,3 +207,17 @@ def test_lm_learns_to_emit_img_at_caption_end_and_inference_acts_on_it(tiny_stac
 
 
 STEPS = 150
+
+
+@pytest.mark.slow  # the ci stand-in (shared with the grounding benchmark test) + 1500 adapter steps
+def test_img0_emission_goal_on_a_pretrained_language_model(ci_standin_dir):
+    """GILL's goal for *when* to show an image, on held-out captions, with a frozen LM that is a language
+    model (the grounding benchmark's stand-in ChatGLM, pretrained on the caption language) rather than
+    the random tiny one: [IMG0] is the greedy next token at >= 90% of caption ends and <= 10% of the
+    positions inside captions (benchmarks/img_token_emission.py, docs/gill_fidelity.md)."""
+    from img_token_emission import measure, parse_args
+
+    args = parse_args(["--lr", "1e-1", "--stack", ci_standin_dir, "--run", "standin:retrieval:1500"])
+    _, _, _, _, before, res, _ = measure(args.run[0], args)
+    assert before["end"] == 0.0 and before["inside"] == 0.0
+    assert res["end"] >= 0.9 and res["inside"] <= 0.1 and res["n_end"] == 128, res
