@@ -22,12 +22,13 @@ from hydra.types import RunMode  # noqa: E402
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg) -> None:
-    from gill.training.distributed import shutdown
+    from gill.training.distributed import exit_now, shutdown
     from gill.training.recipe import run
 
     run(cfg, HydraConfig.get().runtime.output_dir)
     if HydraConfig.get().mode != RunMode.MULTIRUN:  # a one-process sweep's next job reuses the group
         shutdown()
+        exit_now()
 
 
 if __name__ == "__main__":

@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    distributed.exit_now(main())  # skip interpreter teardown once the group is left (see exit_now)
 
 
 __all__ = ["build_cache", "compose_config", "main", "REBUILD"]

@@ -119,6 +119,23 @@ def shutdown() -> None:
         gc.collect()
 
 
+def exit_now(code: int = 0) -> None:
+    """End a finished run's process without interpreter teardown, after flushing logs and streams.
+
+    Everything the run writes is closed by then (checkpoints, metrics, TensorBoard) and the group is left.
+    What remains is the interpreter freeing native objects in arbitrary order, where a backend thread that
+    outlived the group can abort the process ("terminate called without an active exception", seen once
+    on a 2-rank CPU run after its last checkpoint) and turn a finished run into a failed exit status.
+    """
+    import logging
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _collective_device() -> torch.device:
     return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
