@@ -1,27 +1,14 @@
 """The one-GPU 24 GB recipe and the benchmark plumbing around it, without a GPU: the launch script's
 command line, the trainer rows' recipes composed on top of it, and the memory cap's device index."""
-import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from conftest import launch_args
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-
-
-def launch_args(tmp_path, *extra, script: str = "train_1gpu.sh") -> list[str]:
-    """The arguments ``launch/<script>`` hands to `deepspeed` (a stub on PATH records them)."""
-    stub = tmp_path / "bin" / "deepspeed"
-    stub.parent.mkdir(exist_ok=True)
-    record = tmp_path / "args.txt"
-    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
-    stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}")
-    subprocess.run(["bash", str(ROOT / "launch" / script), *extra], check=True, env=env, timeout=60)
-    return record.read_text().splitlines()
 
 
 def compose(overrides):

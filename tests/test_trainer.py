@@ -13,6 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from conftest import launch_args
 from gill.training import distributed
 from gill.training.checkpoint import MARKER, CheckpointManager
 from gill.data.collate import collate_layout
@@ -60,26 +61,38 @@ def named_trainables(model, fn) -> dict:
     return out
 
 
-@pytest.mark.slow  # DeepSpeed ZeRO-2 offload engines vs plain PyTorch: 2 min for both on a loaded 2-core box
-@pytest.mark.parametrize("flat", [True, False], ids=["flat", "per-tensor"])
-def test_zero2_offload_step_matches_plain_pytorch_exactly(tiny_stack_dir, flat):
-    """3 modes x grad_accum 2, per-mode backward, CPU-offloaded optimizer: the first update is
-    compared element-wise; the gradients of a second step prove nothing leaks across steps.
-    Both with the adapter flattened into one tensor (the default) and per tensor (where the
-    DeepSpeed work-arounds in gill/training/ds_exactness.py matter)."""
+# The 24 GB recipe's optimizer (launch/train_24gb.sh): ZeRO-2 keeping the state with the model, torch's fused AdamW.
+RECIPE_24GB = ("deepspeed=zero2", "+deepspeed.overrides.optimizer.params.torch_adam=true",
+               "+deepspeed.overrides.optimizer.params.fused=true")
+
+
+@pytest.mark.slow  # DeepSpeed ZeRO-2 engines vs plain PyTorch: ~1 min each on a loaded 2-core box
+@pytest.mark.parametrize("recipe,flat", [("offload", True), ("offload", False), ("24gb", True)],
+                         ids=["offload-flat", "offload-per-tensor", "24gb-recipe"])
+def test_zero2_step_matches_plain_pytorch_exactly(tiny_stack_dir, recipe, flat):
+    """3 modes x grad_accum 2, per-mode backward: the first update is compared element-wise; the
+    gradients of a second step prove nothing leaks across steps. The default CPU-offloaded optimizer
+    with the adapter flattened into one tensor and per tensor (where the DeepSpeed work-arounds in
+    gill/training/ds_exactness.py matter), and the 24 GB recipe's optimizer (no offload, torch AdamW)."""
     cfg = compose_cfg(
         f"model.pretrained_path={tiny_stack_dir}", "train.micro_batch_size=2", "train.grad_accum=2",
         "train.lr=0.01", "train.grad_clip=1.0", "train.mode_weights.retrieval=0.5", "model.layout_dropout=0.5",
-        f"train.flat_params={flat}",
+        f"train.flat_params={flat}", *(RECIPE_24GB if recipe == "24gb" else ()),
     )
     ds_config = build_ds_config(cfg, 1, on_gpu=False)
     assert ds_config["zero_optimization"]["stage"] == 2
-    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device")
+    assert offload == ("cpu" if recipe == "offload" else None), ds_config
     assert ds_config["gradient_accumulation_steps"] == 6
     distributed.init(torch.device("cpu"))
     engine = build_engine(cfg, ds_config, torch.device("cpu"), 10)
     assert type(engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
     assert len(engine.optimizer.bit16_groups[0]) == (1 if flat else len(engine.module.trainable_parameters()))
+    inner = engine.optimizer.optimizer
+    if recipe == "24gb":
+        assert type(inner) is torch.optim.AdamW and inner.defaults["fused"] is True, inner
+    else:
+        assert type(inner).__name__ == "DeepSpeedCPUAdam", inner
 
     stack = load_stack(cfg.model, device="cpu", dtype=torch.float32)
     ref = GillModel(stack, cfg.model)
@@ -232,6 +245,33 @@ def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
 
 
 # ---- two ranks --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # train_ds.py on 2 ranks in child processes
+def test_two_rank_run_of_the_24gb_recipe_on_cpu(tiny_stack_dir, tmp_path, child_env):
+    """What launch/train_3gpu.sh hands `deepspeed` (recorded by a stub), on 2 CPU ranks at the tiny size: ZeRO-2
+    with the optimizer state kept with the model (no offload) trains, each rank holding half of the fp32 master
+    weights and of Adam's moments, and the replicas stay identical."""
+    recorded = launch_args(tmp_path, script="train_3gpu.sh")
+    assert recorded[0] == "--num_gpus=3" and recorded[1] == "train_ds.py"
+    recipe = [a for a in recorded[2:] if not a.startswith(("model=", "train.max_steps=", "train.save_every="))]
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        train_cmd(tiny_stack_dir, out, "model=tiny", *recipe, "train.max_steps=3", "train.save_every=3",
+                  launcher=deepspeed_2()),
+        capture_output=True, text=True, env=child_env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = (out / "config.yaml").read_text()
+    assert "torch_adam: true" in cfg and "fused: true" in cfg, cfg
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["split"] == "final" and final["step"] == 3 and final["replicas_identical"] == 1.0
+    full = sum(t.numel() for t in load_file(out / "adapter.safetensors").values()) * 4 / 2**30
+    for rank_report in final["per_rank"]:
+        detail = rank_report["optimizer_state_detail_gib"]
+        assert full / 2 <= detail["master"]["cpu"] <= full / 2 * 1.01, (detail, full)
+        # torch's AdamW also keeps its step count as a one-element tensor beside the two moments
+        assert detail["moments"]["cpu"] == pytest.approx(2 * detail["master"]["cpu"], rel=1e-4), detail
 
 
 @pytest.mark.slow  # train_ds.py in a child process

@@ -2,7 +2,7 @@
 
 * :func:`touch_all_trainables` + :func:`reset_offload_accumulators` — DeepSpeed 0.19.8's ZeRO-2 with the
   optimizer offloaded loses or leaks gradients of parameters that do not get a gradient in every backward
-  (tests/test_trainer.py, ``test_zero2_offload_step_matches_plain_pytorch_exactly``).
+  (tests/test_trainer.py, ``test_zero2_step_matches_plain_pytorch_exactly``).
 * :func:`make_cpu_adam_history_free` — DeepSpeedCPUAdam's bias correction depends on the process's
   history, so a resumed run drifts from an uninterrupted one (tests/test_trainer.py,
   ``test_resume_after_kill_is_exact``).
