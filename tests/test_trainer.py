@@ -251,27 +251,37 @@ def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
 def test_two_rank_run_of_the_24gb_recipe_on_cpu(tiny_stack_dir, tmp_path, child_env):
     """What launch/train_3gpu.sh hands `deepspeed` (recorded by a stub), on 2 CPU ranks at the tiny size: ZeRO-2
     with the optimizer state kept with the model (no offload) trains, each rank holding half of the fp32 master
-    weights and of Adam's moments, and the replicas stay identical."""
+    weights and of Adam's moments, the replicas stay identical, and a run split by a resume equals the whole."""
     recorded = launch_args(tmp_path, script="train_3gpu.sh")
     assert recorded[0] == "--num_gpus=3" and recorded[1] == "train_ds.py"
     recipe = [a for a in recorded[2:] if not a.startswith(("model=", "train.max_steps=", "train.save_every="))]
+
+    def run(out, *extra):
+        proc = subprocess.run(
+            train_cmd(tiny_stack_dir, out, "model=tiny", *recipe, "train.save_every=2", *extra, launcher=deepspeed_2()),
+            capture_output=True, text=True, env=child_env, timeout=300, cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
     out = tmp_path / "run"
-    proc = subprocess.run(
-        train_cmd(tiny_stack_dir, out, "model=tiny", *recipe, "train.max_steps=3", "train.save_every=3",
-                  launcher=deepspeed_2()),
-        capture_output=True, text=True, env=child_env, timeout=300, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run(out, "train.max_steps=4")
     cfg = (out / "config.yaml").read_text()
     assert "torch_adam: true" in cfg and "fused: true" in cfg, cfg
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    assert final["split"] == "final" and final["step"] == 3 and final["replicas_identical"] == 1.0
+    assert final["split"] == "final" and final["step"] == 4 and final["replicas_identical"] == 1.0
     full = sum(t.numel() for t in load_file(out / "adapter.safetensors").values()) * 4 / 2**30
     for rank_report in final["per_rank"]:
         detail = rank_report["optimizer_state_detail_gib"]
         assert full / 2 <= detail["master"]["cpu"] <= full / 2 * 1.01, (detail, full)
         # torch's AdamW also keeps its step count as a one-element tensor beside the two moments
         assert detail["moments"]["cpu"] == pytest.approx(2 * detail["master"]["cpu"], rel=1e-4), detail
+
+    split = tmp_path / "split"
+    run(split, "train.max_steps=2")
+    run(split, "train.max_steps=4", "train.resume=auto")
+    a, b = load_file(out / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.slow  # train_ds.py in a child process
