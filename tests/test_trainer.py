@@ -247,6 +247,15 @@ def test_contradiction_fails_before_any_model_loads(tmp_path, child_env):
 # ---- two ranks --------------------------------------------------------------------------------------
 
 
+def assert_split_run_equals_whole(run, whole: Path, split: Path) -> None:
+    """``run`` to step 2 into ``split``, resume there to step 4: the adapter equals the 4-step run in ``whole``."""
+    run(split, "train.max_steps=2")
+    run(split, "train.max_steps=4", "train.resume=auto")
+    a, b = load_file(whole / "adapter.safetensors"), load_file(split / "adapter.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.slow  # train_ds.py on 2 ranks in child processes
 def test_two_rank_run_of_the_24gb_recipe_on_cpu(tiny_stack_dir, tmp_path, child_env):
     """What launch/train_3gpu.sh hands `deepspeed` (recorded by a stub), on 2 CPU ranks at the tiny size: ZeRO-2
@@ -276,12 +285,7 @@ def test_two_rank_run_of_the_24gb_recipe_on_cpu(tiny_stack_dir, tmp_path, child_
         # torch's AdamW also keeps its step count as a one-element tensor beside the two moments
         assert detail["moments"]["cpu"] == pytest.approx(2 * detail["master"]["cpu"], rel=1e-4), detail
 
-    split = tmp_path / "split"
-    run(split, "train.max_steps=2")
-    run(split, "train.max_steps=4", "train.resume=auto")
-    a, b = load_file(out / "adapter.safetensors"), load_file(split / "adapter.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_split_run_equals_whole(run, out, tmp_path / "split")
 
 
 @pytest.mark.slow  # train_ds.py in a child process
@@ -323,11 +327,7 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
     assert (out / ".hydra").is_dir()
 
     split = tmp_path / "split"
-    run(split, "train.max_steps=2")
-    run(split, "train.max_steps=4", "train.resume=auto")
-    a, b = load_file(out / "adapter.safetensors"), load_file(split / "adapter.safetensors")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert_split_run_equals_whole(run, out, split)
 
     # Resuming with another world size would silently change the data order: refused.
     proc = subprocess.run(train_cmd(tiny_stack_dir, split, "train.max_steps=6", "train.resume=auto"),
