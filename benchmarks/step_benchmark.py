@@ -18,6 +18,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned``    default + the levers that measured well: cached VAE latents / CLIP features (the frozen
              VAE and CLIP leave the GPU), selective checkpointing (UNet only)
 ``tuned-z2``  tuned with ZeRO-2 keeping the optimizer state on the GPU (``deepspeed=zero2``)
+``tuned-z2-teckpt``  tuned-z2 with ChatGLM checkpointed too (what ``python -m gill.tools.plan --fit`` picks for mb 6)
 ``tuned-torch``  tuned with a plain torch AdamW on the GPU instead of DeepSpeed
 ``fast-nockpt``  tuned-z2 without checkpointing (uncapped, large micro-batch: the MFU row)
 ``tuned-nockpt``   tuned without any checkpointing (for the uncapped, large-micro-batch rows)
@@ -85,6 +86,7 @@ VARIANTS = {
     "default+cache": dict(backward="per_mode", ckpt_unet=None, ckpt_te=None, engine="default", cached=True),
     "tuned": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2_offload", cached=True),
     "tuned-z2": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True),
+    "tuned-z2-teckpt": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2", cached=True),
     "tuned-torch": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="torch", cached=True),
     "fast-nockpt": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="zero2", cached=True),
     "tuned-nockpt": dict(backward="per_mode", ckpt_unet=False, ckpt_te=False, engine="zero2_offload", cached=True),

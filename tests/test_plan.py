@@ -124,3 +124,30 @@ def test_plan_cli_says_whether_it_fits(capsys):
     # ...micro-batch 16 does not.
     big = main(["--card-gib", "24", "model=kolors_random", "train.resolution=1024", "train.micro_batch_size=16"])
     assert not big.fits and capsys.readouterr().out.strip().splitlines()[-1].startswith("DOES NOT FIT a 24 GiB card")
+
+
+@pytest.mark.slow  # ~40 plans of the tiny stack on the meta device: 30 s
+def test_fit_picks_the_largest_micro_batch_that_fits_the_card():
+    """`python -m gill.tools.plan --fit`: per checkpointing choice the largest micro-batch whose plan fits and
+    whose next size does not; the pick is the largest micro-batch, the least recomputation among equals."""
+    from gill.tools.plan import CHECKPOINTING, FIT_MICRO_BATCHES, fit, fit_overrides, main
+
+    cfg = compose_cfg("train.resolution=256")
+    with_mb = lambda ck, b: compose_cfg("train.resolution=256", f"train.micro_batch_size={b}",  # noqa: E731
+                                        f"model.gradient_checkpointing.unet={ck[0]}",
+                                        f"model.gradient_checkpointing.text_encoder={ck[1]}")
+    # a card between the no-checkpointing plans of micro-batch 2 and 3: checkpointing must buy more
+    card = (plan(with_mb((False, False), 2), card_gib=1).device_peak + plan(with_mb((False, False), 3), card_gib=1).device_peak) / 2 / 2**30
+    pick, rows = fit(cfg, card_gib=card)
+    assert [(r["ckpt_unet"], r["ckpt_text_encoder"]) for r in rows] == list(CHECKPOINTING)
+    assert rows[0]["micro_batch"] == 2
+    for r in rows:
+        ck, b = (r["ckpt_unet"], r["ckpt_text_encoder"]), r["micro_batch"]
+        assert plan(with_mb(ck, b), card_gib=card).fits
+        nxt = FIT_MICRO_BATCHES[FIT_MICRO_BATCHES.index(b) + 1]
+        assert not plan(with_mb(ck, nxt), card_gib=card).fits
+    best = max(r["micro_batch"] for r in rows)
+    assert best > 2 and pick == next(r for r in rows if r["micro_batch"] == best)
+    assert main(["--fit", "--card-gib", str(card), "train.resolution=256"]) == pick
+    assert fit_overrides(pick)[0] == f"train.micro_batch_size={best}"
+    assert fit(cfg, card_gib=0.01) == (None, [dict(r, micro_batch=0, device_peak_gib=None) for r in rows])

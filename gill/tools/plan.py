@@ -3,7 +3,9 @@
     python -m gill.tools.plan model=kolors_random train.resolution=1024 train.micro_batch_size=1 \\
         [--world-size 3] [--card-gib 24] [--cached] [--optimizer deepspeed|torch] [other Hydra overrides]
 
-prints the peak broken down and whether it fits the card. How each term is obtained:
+prints the peak broken down and whether it fits the card. With ``--fit`` it instead picks, for the card, the
+micro-batch and gradient checkpointing (:func:`fit`) and prints the overrides that select them. How each term is
+obtained:
 
 * **frozen weights** — parameter counts of the frozen modules built on the meta device (nothing is
   allocated) x the dtype's bytes. With ``--cached`` (VAE latents and CLIP features precomputed
@@ -405,6 +407,46 @@ def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False,
     return Plan(desc, gpu, c, acts, card_gib)
 
 
+# Gradient checkpointing choices (UNet, ChatGLM), least recomputation first.
+CHECKPOINTING = ((False, False), (True, False), (True, True))
+FIT_MICRO_BATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32)
+
+
+def fit(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False, optimizer: str = "deepspeed",
+        dtype: torch.dtype = torch.bfloat16) -> tuple[dict | None, list[dict]]:
+    """The micro-batch and checkpointing to train ``cfg`` with on a card of ``card_gib``: for each choice of
+    :data:`CHECKPOINTING`, the largest of :data:`FIT_MICRO_BATCHES` whose predicted device peak fits; the pick
+    is the largest micro-batch, with the least recomputation among equals (on the 24 GiB card the bigger
+    checkpointed micro-batch was the faster step: benchmarks/NOTES.md). Returns (pick or None, one row per
+    choice: ``ckpt_unet``, ``ckpt_text_encoder``, ``micro_batch`` (0: not even 1 fits), ``device_peak_gib``)."""
+    from omegaconf import OmegaConf, open_dict
+
+    rows = []
+    for ck_unet, ck_te in CHECKPOINTING:
+        best = None
+        for b in FIT_MICRO_BATCHES:
+            c = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+            with open_dict(c):
+                c.train.micro_batch_size = b
+                c.model.gradient_checkpointing.unet = ck_unet
+                c.model.gradient_checkpointing.text_encoder = ck_te
+            p = plan(c, world_size, card_gib, cached, optimizer, dtype)
+            if not p.fits:
+                break
+            best = (b, p.device_peak / GiB)
+        rows.append({"ckpt_unet": ck_unet, "ckpt_text_encoder": ck_te, "micro_batch": best[0] if best else 0,
+                     "device_peak_gib": round(best[1], 3) if best else None})
+    fitting = [r for r in rows if r["micro_batch"]]
+    pick = max(fitting, key=lambda r: r["micro_batch"], default=None)  # max keeps the first of equals
+    return pick, rows
+
+
+def fit_overrides(pick: dict) -> list[str]:
+    return [f"train.micro_batch_size={pick['micro_batch']}",
+            f"model.gradient_checkpointing.unet={str(pick['ckpt_unet']).lower()}",
+            f"model.gradient_checkpointing.text_encoder={str(pick['ckpt_text_encoder']).lower()}"]
+
+
 def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) -> dict:
     te, unet, vae = mods["text_encoder"], mods["unet"], mods["vae"]
     ck_te, ck_unet = bool(mc.gradient_checkpointing.text_encoder), bool(mc.gradient_checkpointing.unet)
@@ -441,12 +483,14 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
     return acts
 
 
-def main(argv: list[str] | None = None) -> Plan:
+def main(argv: list[str] | None = None) -> Plan | dict | None:
     ap = argparse.ArgumentParser(description="Predict the per-GPU memory peak of a training step.")
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--card-gib", type=float, default=24.0)
     ap.add_argument("--cached", action="store_true", help="VAE latents / CLIP features precomputed offline")
     ap.add_argument("--optimizer", default="deepspeed", choices=["deepspeed", "torch"])
+    ap.add_argument("--fit", action="store_true",
+                    help="pick the micro-batch and gradient checkpointing for the card instead of planning one config")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for train_ds.py")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     from pathlib import Path
@@ -457,6 +501,14 @@ def main(argv: list[str] | None = None) -> Plan:
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=list(args.overrides))
     cached = args.cached or bool(cfg.get("cache", {}).get("dir"))  # the encoder cache (python -m gill.tools.build_encoder_cache)
+    if args.fit:
+        pick, rows = fit(cfg, args.world_size, args.card_gib, cached, args.optimizer)
+        print(f"| checkpointing (UNet, ChatGLM) | largest micro-batch on a {args.card_gib:g} GiB card | device peak GiB |")
+        print("|---|---:|---:|")
+        for r in rows:
+            print(f"| {r['ckpt_unet']}, {r['ckpt_text_encoder']} | {r['micro_batch'] or 'none'} | {r['device_peak_gib'] or '-'} |")
+        print("\npick: " + (" ".join(fit_overrides(pick)) if pick else "nothing fits (not even micro-batch 1)"))
+        return pick
     p = plan(cfg, args.world_size, args.card_gib, cached, args.optimizer)
     print(p.table())
     return p
