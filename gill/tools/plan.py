@@ -129,11 +129,15 @@ class SavedTensorCounter:
         self.owner: dict[int, int] = {}  # storage -> unit index (-1 outside)
         self.unit_inputs: dict[int, int] = {}  # storage -> bytes, inputs of units
         self.handles = []
+        # Storages are keyed by address: holding each counted one keeps a freed one's address from being
+        # reused by a later tensor within the trace (which would merge two tensors into one count).
+        self._held: list = []
 
     def _pack(self, t):
         if isinstance(t, torch.Tensor):
             k = _key(t)
             if k not in self.excluded:
+                self._held.append(t.untyped_storage())
                 self.sizes[k] = max(self.sizes.get(k, 0), t.untyped_storage().nbytes())
                 self.owner.setdefault(k, self.stack[-1] if self.stack else -1)
         return t
@@ -144,6 +148,7 @@ class SavedTensorCounter:
                 self.stack.append(i)
                 x = args[0] if args else next(iter(kwargs.values()))
                 if isinstance(x, torch.Tensor):
+                    self._held.append(x.untyped_storage())
                     self.unit_inputs[_key(x)] = x.untyped_storage().nbytes()
 
             def post(mod, args, out, i=i):
@@ -159,6 +164,7 @@ class SavedTensorCounter:
         self._hooks.__exit__(*exc)
         for h in self.handles:
             h.remove()
+        self._held.clear()
 
     # ---- results ----------------------------------------------------------------------------
     @property
