@@ -58,28 +58,19 @@ def launch_args(tmp_path, *extra, script: str = "train_1gpu.sh") -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def ci_bench_dir(tmp_path_factory) -> Path:
-    """The grounding benchmark's work folder holding its ``ci`` stand-in stack (a tiny stack whose ChatGLM and
-    CLIP tower are pretrained on the synthetic captions and images; ~2.5 min on one CPU thread), built once."""
+def ci_standin(tmp_path_factory) -> Path:
+    """The grounding benchmark's ``ci`` stand-in stack (a tiny stack whose ChatGLM and CLIP tower are pretrained on
+    the synthetic captions and images; ~2.5 min on one CPU thread), built once; its parent is the benchmark's work
+    folder, where the benchmark finds and reuses it."""
     from gill.bench.grounding import build_standin
     from gill.bench.grounding_presets import PRESETS
 
-    work = tmp_path_factory.mktemp("grounding-bench")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        build_standin(work, PRESETS["ci"], torch.device("cpu"))
+        return build_standin(tmp_path_factory.mktemp("grounding-bench"), PRESETS["ci"], torch.device("cpu"))[0]
     finally:
         torch.set_num_threads(threads)
-    return work
-
-
-@pytest.fixture(scope="session")
-def ci_standin_dir(ci_bench_dir) -> str:
-    from gill.bench.grounding import build_standin
-    from gill.bench.grounding_presets import PRESETS
-
-    return str(build_standin(ci_bench_dir, PRESETS["ci"], torch.device("cpu"))[0])  # reuses the built one
 
 
 @pytest.fixture(scope="session")

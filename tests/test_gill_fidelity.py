@@ -210,14 +210,14 @@ STEPS = 150
 
 
 @pytest.mark.slow  # the ci stand-in (shared with the grounding benchmark test) + 1500 adapter steps
-def test_img0_emission_goal_on_a_pretrained_language_model(ci_standin_dir):
+def test_img0_emission_goal_on_a_pretrained_language_model(ci_standin):
     """GILL's goal for *when* to show an image, on held-out captions, with a frozen LM that is a language
     model (the grounding benchmark's stand-in ChatGLM, pretrained on the caption language) rather than
     the random tiny one: [IMG0] is the greedy next token at >= 90% of caption ends and <= 10% of the
     positions inside captions (benchmarks/img_token_emission.py, docs/gill_fidelity.md)."""
     from img_token_emission import measure, parse_args
 
-    args = parse_args(["--lr", "1e-1", "--stack", ci_standin_dir, "--run", "standin:retrieval:1500"])
+    args = parse_args(["--lr", "1e-1", "--stack", str(ci_standin), "--run", "standin:retrieval:1500"])
     _, _, _, _, before, res, _ = measure(args.run[0], args)
     assert before["end"] == 0.0 and before["inside"] == 0.0
     assert res["end"] >= 0.9 and res["inside"] <= 0.1 and res["n_end"] == 128, res

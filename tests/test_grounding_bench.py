@@ -81,13 +81,13 @@ def test_render_validation_images(tiny_stack, tmp_path):
 
 
 @pytest.mark.slow
-def test_adapter_beats_no_adapter(ci_bench_dir):
+def test_adapter_beats_no_adapter(ci_standin):
     """The reduced benchmark. The margin is asserted on colour-agnostic placement (of all object-coloured
     pixels, the fraction inside the requested boxes, and how much of the boxes they cover): the adapter
     clearly learns *where* in a CI budget, while 200 adapter steps leave the colour-IoU gap small (the
     full `cpu` preset's is large, see docs/grounding_benchmark.md), so mIoU is only required not to get
     worse."""
-    res = grounding.run_benchmark("ci", ["cross"], ci_bench_dir, torch.device("cpu"))
+    res = grounding.run_benchmark("ci", ["cross"], ci_standin.parent, torch.device("cpu"))
     on, off = res["injection"]["cross"]["on"], res["off"]
     print(f"ci grounding: on {on}  off {off}  text encoder {res['text_encoder']}  total {res['total_s']:.0f}s")
     assert on["fg_in_box"] - off["fg_in_box"] >= MIN_GAP, (on, off)

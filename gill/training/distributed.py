@@ -6,9 +6,10 @@ argument the ``deepspeed`` launcher appends is stripped before Hydra parses the 
 """
 from __future__ import annotations
 
-import gc
+import logging
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -113,10 +114,8 @@ def shutdown() -> None:
     """Leave the process group together, at the end of a launched run: a rank that exits with the
     backend's threads still alive can abort ("terminate called without an active exception")."""
     if dist.is_initialized():
-        gc.collect()  # pending work objects and their tensors go before the backend's threads do
         barrier()
         dist.destroy_process_group()
-        gc.collect()
 
 
 def exit_now(code: int = 0) -> None:
@@ -127,9 +126,6 @@ def exit_now(code: int = 0) -> None:
     outlived the group can abort the process ("terminate called without an active exception", seen once
     on a 2-rank CPU run after its last checkpoint) and turn a finished run into a failed exit status.
     """
-    import logging
-    import sys
-
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -228,9 +228,8 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     metrics = trainer.fit()
     if distributed.is_main():
         log.info("done: %d steps, adapter at %s", trainer.step, output_dir / "adapter.safetensors")
-    # Free the engine (optimizer, gradient hooks, communication handles) while the interpreter is fully
-    # alive: left to interpreter teardown, a backend thread that still holds a tensor can abort a rank
-    # after a finished run ("terminate called without an active exception").
+    # Free the engine (optimizer, gradient hooks, communication handles) here, not at interpreter teardown:
+    # a one-process sweep's next job gets the memory back, and nothing native is left for exit (exit_now).
     engine.destroy()
     del trainer, engine, loader, val_loader
     gc.collect()
