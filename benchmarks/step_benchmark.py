@@ -28,6 +28,9 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ``tuned-z2+compile``  tuned+compile with ZeRO-2 keeping the optimizer state on the GPU (the 24 GB recipe, cached)
 ``tuned-z2+compile-ro``  the same with the regions compiled in ``mode="reduce-overhead"`` (CUDA graphs)
 ``z2+compile``  tuned-z2+compile from images (no encoder cache)
+``tuned-z2-teckpt+compile``  tuned-z2+compile with ChatGLM checkpointed too
+``...-int8``  the same with ChatGLM's transformer linears in weight-only int8 (``model.quantize.text_encoder=int8``;
+             the stack is quantized in place at the first such row, so they run after every bf16 row)
 ``<any>+es``  the variant with the allocator's expandable segments, for that row only
 ==========  ==============================================================================================
 
@@ -60,6 +63,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,6 +102,14 @@ VARIANTS = {
                              compile=True),
     "tuned-z2+compile-ro": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
                                 compile=True, compile_mode="reduce-overhead"),
+    "tuned-z2-teckpt+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2", cached=True,
+                                    compile=True),
+    # ChatGLM's transformer linears in weight-only int8 (model.quantize.text_encoder=int8): the stack is
+    # quantized in place at the first such row, so these rows come after every bf16 row of a run.
+    "tuned-z2+compile-int8": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=True,
+                                  compile=True, quant="int8"),
+    "tuned-z2-teckpt+compile-int8": dict(backward="per_mode", ckpt_unet=True, ckpt_te=True, engine="zero2",
+                                         cached=True, compile=True, quant="int8"),
     "z2+compile": dict(backward="per_mode", ckpt_unet=True, ckpt_te=False, engine="zero2", cached=False,
                        compile=True),
 }
@@ -134,6 +146,10 @@ def expandable_segments(on: bool, device):
 TRAINER_RECIPES = {
     "launch": dict(overrides=[], env={}),  # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU)
     "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    # ChatGLM's transformer linears in weight-only int8 and checkpointed: what `python -m gill.tools.plan --fit`
+    # picks for a 24 GiB card with the encoder cache (micro-batch 12)
+    "launch-int8": dict(overrides=["model.quantize.text_encoder=int8", "model.gradient_checkpointing.text_encoder=true"],
+                        env={}),
     # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
     "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }
@@ -277,8 +293,14 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     from gill.models.model import GillModel
     from gill.training.recipe import optimizer_step
 
+    from gill.models.quantize import Int8Linear, frozen_bytes, quantize_text_encoder
+
     spec = variant_spec(variant)
     modes = ["captioning", "retrieval", "generation"]
+    quantized = any(isinstance(m, Int8Linear) for m in stack.text_encoder.modules())
+    if quantized and not spec.get("quant"):
+        raise ValueError(f"{variant}: the stack was quantized by an earlier row; put bf16 rows first")
+    quantize_text_encoder(stack.text_encoder, None if quantized else spec.get("quant"))
     ckpt_unet = cfg.model.gradient_checkpointing.unet if spec["ckpt_unet"] is None else spec["ckpt_unet"]
     ckpt_te = cfg.model.gradient_checkpointing.text_encoder if spec["ckpt_te"] is None else spec["ckpt_te"]
     engine_kind = spec["engine"]
@@ -300,7 +322,8 @@ def run_one(stack, cfg, variant: str, res: int, mb: int, args, device, dtype, pr
     flat = engine_kind != "torch" and spec.get("flat", bool(cfg.train.flat_params))
     row = dict(variant=variant, res=res, mb=mb, ckpt_unet=bool(ckpt_unet), ckpt_te=bool(ckpt_te),
                engine=engine_kind if engine_kind != "default" else f"default({ds_file})", cached=spec["cached"],
-               flat=flat, compile=bool(cfg.model.compile), expandable=bool(spec.get("es")))
+               flat=flat, compile=bool(cfg.model.compile), expandable=bool(spec.get("es")),
+               text_encoder=spec.get("quant") or "bf16", text_encoder_gib=frozen_bytes(stack.text_encoder) / GiB)
     try:
         with expandable_segments(bool(spec.get("es")), device), ctx:
             model.adapter.to(device, dtype)
@@ -423,6 +446,18 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     return row
 
 
+def trainer_cache(root: str, res: str) -> Path:
+    """The encoder cache of the trainer rows' data (seeded ``kolors_random``, the default synthetic set),
+    built on first use by ``python -m gill.tools.build_encoder_cache``."""
+    path = Path(root) / f"kolors_random_{res}"
+    if not (path / "manifest.json").exists():
+        cmd = [sys.executable, "-m", "gill.tools.build_encoder_cache", "model=kolors_random",
+               f"train.resolution={res}", f"cache.dir={path}"]
+        log(" ".join(cmd))
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return path
+
+
 def trainer_row(spec: str, args, out_dir: Path) -> dict:
     """``cap:res:recipe:mb:steps``: the real trainer on one GPU, steady state after ``--trainer-warmup`` steps."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -432,8 +467,9 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
     rec = TRAINER_RECIPES[recipe]
     run_dir = out_dir / "trainer" / f"{recipe.replace('+', '_')}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
+    cache = [f"cache.dir={trainer_cache(args.trainer_cache, res)}"] if args.trainer_cache else []
     overrides = ["model=kolors_random", f"train.resolution={res}", f"train.micro_batch_size={mb}",
-                 "train.grad_accum=1", *rec["overrides"], *args.trainer_overrides]
+                 "train.grad_accum=1", *cache, *rec["overrides"], *args.trainer_overrides]
     saved = {k: os.environ.get(k) for k in rec["env"]}
     os.environ.update(rec["env"])
     try:
@@ -443,7 +479,7 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     row = dict(variant=f"trainer:{recipe}", res=int(res), mb=int(mb), cap_gib=float(cap) or None, wall_s=wall,
-               command="launch/train_1gpu.sh " + " ".join(overrides), env=rec["env"], cached=False)
+               command="launch/train_1gpu.sh " + " ".join(overrides), env=rec["env"], cached=bool(cache))
     metrics = run_dir / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         tail = Path(f"{run_dir}.log").read_text(errors="replace")[-600:] if Path(f"{run_dir}.log").exists() else ""
@@ -607,6 +643,10 @@ def main(argv=None):
                     + ", ".join(TRAINER_RECIPES) + "); run first, before this process loads its stack")
     ap.add_argument("--trainer-warmup", type=int, default=10, help="trainer rows: first steps left out")
     ap.add_argument("--trainer-minutes", type=float, default=6.0, help="trainer rows: time limit of each run")
+    ap.add_argument("--trainer-cache", default=None, help="trainer rows: train from an encoder cache under this "
+                    "folder (built on first use; model=kolors_random with its default seed)")
+    ap.add_argument("--trainer-only", type=float, default=None, metavar="TFLOP_PER_SAMPLE",
+                    help="run only the trainer rows; their MFU from this FLOP count (printed by an earlier run)")
     ap.add_argument("--trainer-overrides", nargs="*", default=[], help="trainer rows: extra Hydra overrides")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for the composed config")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these result JSONs into --out-dir")
@@ -622,6 +662,17 @@ def main(argv=None):
     trainer_rows = [trainer_row(spec, args, also or out_dir) for spec in filter(None, args.trainer_rows.split(","))]
     for r in trainer_rows:
         log(json.dumps({k: v for k, v in r.items() if k != "error"}), r.get("error", "")[-300:])
+    if args.trainer_only is not None:
+        meta = dict(command="python benchmarks/step_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+                    when=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, model="kolors_random",
+                    dtype="torch.bfloat16", flops={str(r["res"]): args.trainer_only * 1e12 for r in trainer_rows})
+        for r in trainer_rows:
+            if r["status"] == "ok":
+                r["mfu"] = args.trainer_only * 1e12 * r["samples_per_s"] / PEAK_BF16_FLOPS
+        write(trainer_rows, meta, out_dir, also)
+        log(fmt_table(trainer_rows, meta))
+        return trainer_rows
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     model_name = "tiny" if args.tiny else "kolors_random"

@@ -81,8 +81,13 @@ def describe_model(model_cfg) -> dict:
 
     name = model_cfg.get("name")
     if name == "kolors_random":
-        raise CacheError("model=kolors_random has random weights that differ per load: a cache of its encoders' "
-                         "outputs would not belong to the model that trains. Use model=tiny or model=kolors.")
+        if model_cfg.get("seed") is None:
+            raise CacheError("model=kolors_random with model.seed=null has random weights that differ per load: a "
+                             "cache of its encoders' outputs would not belong to the model that trains. Set model.seed.")
+        import torch
+
+        # Seeded random weights are the same for the same seed, device type and torch version.
+        return {"name": name, "seed": int(model_cfg.seed), "torch": torch.__version__}
     path, vision_path = resolve_stack_paths(model_cfg, build=False)
     path, vision_path = os.path.abspath(path), os.path.abspath(vision_path)
     return {

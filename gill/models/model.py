@@ -136,6 +136,17 @@ class GillModel(nn.Module):
     def seed(self, seed: int) -> None:
         self.rng.manual_seed(seed)
 
+    def clear_text_caches(self) -> None:
+        """Forget the cached ChatGLM encodings (object labels, the empty prompt): after the frozen text
+        encoder changed (quantized) or the model moved to another device or dtype."""
+        self.phrases = PhraseCache(self.phrases.capacity)
+        self._empty_prompt = None
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / .bfloat16(): encodings cached before were made in the old device and dtype
+        self.clear_text_caches()
+        return super()._apply(fn, *args, **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.adapter.img_tokens.device
@@ -231,7 +242,7 @@ class GillModel(nn.Module):
 
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoding of "" — what a dropped caption becomes (and Kolors' unconditional input)."""
-        if self._empty_prompt is None or self._empty_prompt[0].device != self.device:
+        if self._empty_prompt is None:
             self._empty_prompt = self.prompt_encoding([""])
         return self._empty_prompt
 

@@ -398,40 +398,66 @@ def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
 # ------------------------------------------------------------------------------------------------
 # kolors_random: real dimensions, random weights, built in place
 # ------------------------------------------------------------------------------------------------
-def build_random_modules(device="cpu", dtype: torch.dtype = torch.bfloat16) -> dict[str, nn.Module]:
+RANDOM_COMPONENTS = ("unet", "vae", "text_encoder", "vision")
+
+
+def build_random_modules(device="cpu", dtype: torch.dtype = torch.bfloat16, seed: int | None = None,
+                         only: tuple[str, ...] = RANDOM_COMPONENTS) -> dict[str, nn.Module]:
     """UNet / VAE / ChatGLM3-6B / CLIP ViT-L/14-336 at real size with random weights.
 
     Built under ``torch.device(device)`` with the default dtype set to `dtype`, so the 9B parameters
     are allocated once, on the device, in the final dtype. On "meta" nothing is allocated (counting).
+    With `seed`, each component draws from its own seeded stream (``seed + its index``): the same seed
+    gives the same weights on the same device type and torch version, whichever components are built
+    (the encoder cache builds only the VAE and the vision tower).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.pipelines.kolors.text_encoder import ChatGLMConfig, ChatGLMModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     meta = torch.device(device).type == "meta"
-    out: dict[str, nn.Module] = {}
-    with torch.device(device), _default_dtype(dtype):
-        out["unet"] = UNet2DConditionModel(**KOLORS_UNET_CONFIG)
-        with _default_dtype(_vae_dtype(dtype)):
-            out["vae"] = AutoencoderKL(**SDXL_VAE_CONFIG)
+
+    def chatglm():
         te = ChatGLMModel(ChatGLMConfig(**CHATGLM3_6B_CONFIG), empty_init=False)
         if not meta:
             init_chatglm_weights_(te)  # _init_weights is a no-op; RMSNorm is torch.empty
-        out["text_encoder"] = te
-        out["vision"] = CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_336_CONFIG))
+        return te
+
+    builders = {
+        "unet": lambda: UNet2DConditionModel(**KOLORS_UNET_CONFIG),
+        "vae": lambda: AutoencoderKL(**SDXL_VAE_CONFIG),
+        "text_encoder": chatglm,
+        "vision": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_VIT_L14_336_CONFIG)),
+    }
+    out: dict[str, nn.Module] = {}
+    for i, name in enumerate(RANDOM_COMPONENTS):
+        if name not in only:
+            continue
+        dev = torch.device(device)
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        seeded = torch.random.fork_rng(devices=cuda, enabled=seed is not None and not meta)
+        with seeded, torch.device(device), _default_dtype(_vae_dtype(dtype) if name == "vae" else dtype):
+            if seed is not None and not meta:
+                torch.manual_seed(seed + i)
+            out[name] = builders[name]()
     return out
 
 
-def _load_random(device, dtype: torch.dtype, cache_dir: str | None) -> KolorsStack:
-    from diffusers import DDPMScheduler
-    from diffusers.pipelines.kolors import ChatGLMTokenizer
+def random_image_processor():
     from transformers import CLIPImageProcessor
 
-    mods = build_random_modules(device, dtype)
+    size = CLIP_VIT_L14_336_CONFIG["image_size"]
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _load_random(device, dtype: torch.dtype, cache_dir: str | None, seed: int | None = None) -> KolorsStack:
+    from diffusers import DDPMScheduler
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    mods = build_random_modules(device, dtype, seed)
     # The tiny SentencePiece tokenizer: ids < 65024, so valid inputs for the full-size embedding.
     tiny = ensure_tiny_stack(cache_dir)
     tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(tiny, "tokenizer"), padding_side="left")
-    size = CLIP_VIT_L14_336_CONFIG["image_size"]
     return KolorsStack(
         unet=_freeze(mods["unet"], device, dtype),
         vae=_freeze(mods["vae"], device, _vae_dtype(dtype)),
@@ -439,9 +465,7 @@ def _load_random(device, dtype: torch.dtype, cache_dir: str | None) -> KolorsSta
         tokenizer=tokenizer,
         noise_scheduler=DDPMScheduler.from_config(KOLORS_SCHEDULER_CONFIG),
         vision=_freeze(mods["vision"], device, dtype),
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        ),
+        image_processor=random_image_processor(),
         path=None,
     )
 
@@ -476,14 +500,22 @@ def resolve_stack_paths(model_cfg, build: bool = True) -> tuple[str, str]:
 
 def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
     """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
-    variant, cache_dir, dtype). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+    variant, cache_dir, dtype, quantize). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
+    from gill.models.quantize import quantize_text_encoder
+
     name = _cfg_get(model_cfg, "name", "tiny")
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     if name == "kolors_random":
-        return _load_random(device, dtype, _cfg_get(model_cfg, "cache_dir"))
-    if name in ("tiny", "kolors"):
-        return _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype, _cfg_get(model_cfg, "variant"))
-    raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
+        stack = _load_random(device, dtype, _cfg_get(model_cfg, "cache_dir"), _cfg_get(model_cfg, "seed"))
+    elif name in ("tiny", "kolors"):
+        stack = _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype, _cfg_get(model_cfg, "variant"))
+    else:
+        raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
+    scheme = _cfg_get(_cfg_get(model_cfg, "quantize"), "text_encoder")
+    if scheme:
+        n = quantize_text_encoder(stack.text_encoder, scheme)
+        log.info("text_encoder: %d transformer linears quantized to %s (weight-only)", n, scheme)
+    return stack
 
 
 def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
@@ -493,6 +525,13 @@ def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     from diffusers import AutoencoderKL
 
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    if _cfg_get(model_cfg, "name") == "kolors_random":
+        seed = _cfg_get(model_cfg, "seed")
+        if seed is None:
+            raise ValueError("model=kolors_random needs model.seed for its encoders to be the training run's")
+        mods = build_random_modules(device, dtype, seed, only=("vae", "vision"))
+        return (_freeze(mods["vae"], device, _vae_dtype(dtype)), _freeze(mods["vision"], device, dtype),
+                random_image_processor())
     variant = _cfg_get(model_cfg, "variant")
     path, vision_path = resolve_stack_paths(model_cfg)
     weights = check_kolors_dir(path, variant)

@@ -7,8 +7,9 @@ prints the peak broken down and whether it fits the card. With ``--fit`` it inst
 micro-batch and gradient checkpointing (:func:`fit`) and prints the overrides that select them. How each term is
 obtained:
 
-* **frozen weights** — parameter counts of the frozen modules built on the meta device (nothing is
-  allocated) x the dtype's bytes. With ``--cached`` (VAE latents and CLIP features precomputed
+* **frozen weights** — the bytes of the frozen modules built on the meta device (nothing is
+  allocated), as stored: the dtype's bytes, one byte per weight of an int8-quantized ChatGLM linear
+  (``model.quantize.text_encoder=int8``). With ``--cached`` (VAE latents and CLIP features precomputed
   offline) the VAE and the vision tower stay off the GPU.
 * **trainables, gradients, optimizer state** — the adapter's parameter count (built on meta) x bytes
   per parameter of the strategy: plain PyTorch AdamW on bf16 parameters (the seed), DeepSpeed
@@ -64,11 +65,13 @@ MODES = ("captioning", "retrieval", "generation")
 def frozen_modules(model_cfg, dtype: torch.dtype) -> dict[str, nn.Module]:
     """UNet / VAE / ChatGLM / CLIP vision at the config's dimensions, on the meta device (memoised:
     building them takes seconds and meta modules hold no state the planner changes)."""
-    return _frozen_modules(str(model_cfg.name), dtype)
+    quant = model_cfg.get("quantize") or {}
+    return _frozen_modules(str(model_cfg.name), dtype, quant.get("text_encoder"))
 
 
 @functools.lru_cache(maxsize=4)
-def _frozen_modules(name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+def _frozen_modules(name: str, dtype: torch.dtype, te_quant: str | None = None) -> dict[str, nn.Module]:
+    from gill.models.quantize import quantize_text_encoder
     from gill.models.stack import build_random_modules
 
     if name in ("kolors", "kolors_random"):
@@ -95,6 +98,7 @@ def _frozen_modules(name: str, dtype: torch.dtype) -> dict[str, nn.Module]:
         raise ValueError(f"unknown model name {name!r}")
     for m in mods.values():
         m.requires_grad_(False).eval()
+    quantize_text_encoder(mods["text_encoder"], te_quant)
     return mods
 
 
@@ -122,7 +126,7 @@ class SavedTensorCounter:
     bytes of each unit's first input (what a checkpoint keeps). Works on meta and real tensors."""
 
     def __init__(self, exclude: list[nn.Module], units: list[nn.Module] = ()):
-        self.excluded = {_key(p) for m in exclude for p in m.parameters()}
+        self.excluded = {_key(t) for m in exclude for t in [*m.parameters(), *m.buffers()]}
         self.units = list(units)
         self.stack: list[int] = []
         self.sizes: dict[int, int] = {}
@@ -384,6 +388,7 @@ def optimizer_bytes(strategy: str, n: int, world: int, ds: dict | None, esize: i
 def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False, optimizer: str = "deepspeed",
          dtype: torch.dtype = torch.bfloat16) -> Plan:
     """The per-GPU memory plan of one optimizer step for the composed config ``cfg``."""
+    from gill.models.quantize import frozen_bytes
     from gill.training.ds_config import load_ds_file
 
     mc, tr = cfg.model, cfg.train
@@ -394,7 +399,7 @@ def plan(cfg, world_size: int = 1, card_gib: float = 24.0, cached: bool = False,
     adapter = build_adapter(mc, mods, dtype)
     n_train = sum(p.numel() for p in adapter.parameters())
     on_gpu = ["unet", "text_encoder"] + ([] if cached else ["vae", "vision"])
-    gpu = {f"frozen {k}": sum(p.numel() for p in mods[k].parameters()) * esize for k in on_gpu}
+    gpu = {f"frozen {k}": frozen_bytes(mods[k]) for k in on_gpu}
     ds = None if optimizer == "torch" else load_ds_file(cfg.deepspeed.file)
     if ds is not None and cfg.deepspeed.get("overrides"):
         from omegaconf import OmegaConf
