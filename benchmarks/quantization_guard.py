@@ -129,6 +129,8 @@ def main(argv=None) -> int:
     overrides = list(args.overrides)
     if not any(o.startswith("model=") for o in overrides):
         overrides.insert(0, "model=" + ("kolors_random" if device.type == "cuda" else "tiny"))
+    if not any(o.startswith("model.compile=") for o in overrides):
+        overrides.append("model.compile=false")  # numbers, not speed: compiling each precision takes minutes
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     res = args.res or int(cfg.model.resolution)

@@ -6,6 +6,8 @@
 # cache (cache.dir=..., `python -m gill.tools.build_encoder_cache` first; ~23.4-23.6 GiB reserved). Later arguments override these.
 #   launch/train_24gb.sh model.pretrained_path=/models/Kolors-diffusers model.vision_path=/models/clip-vit-large-patch14-336 \
 #       data=layout data.path=data/layout.jsonl [cache.dir=data/cache-1024 data.random_flip=0]
+# 2.1x faster, opt-in (ChatGLM in weight-only int8; its quality guard is not met on random weights, benchmarks/NOTES.md):
+#   add model.quantize.text_encoder=int8 model.gradient_checkpointing.text_encoder=true train.micro_batch_size=12
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mb=2
