@@ -293,12 +293,15 @@ def test_two_rank_deepspeed_run_on_cpu(tiny_stack_dir, tmp_path, child_env):
     """Two real ranks: negatives from both, validation on rank 0 without a hang, identical replicas,
     one run folder; then the same run split by a resume (each rank its own random stream) is exact."""
     def run(out, *extra):
+        launcher = deepspeed_2()
         proc = subprocess.run(
             train_cmd(tiny_stack_dir, out, "train.save_every=2", "train.seed=1", "train.mode_weights.captioning=0.5",
-                      *extra, launcher=deepspeed_2(), validate=True),
+                      *extra, launcher=launcher, validate=True),
             capture_output=True, text=True, env=child_env, timeout=300, cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
+        # DeepSpeed's CPU all-reduce buffers (66 MB per rank in /dev/shm) are removed, not left behind
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{launcher[-1]}_*"))
 
     out = tmp_path / "run"
     run(out, "train.max_steps=4")
