@@ -13,16 +13,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def test_int8_linear_matches_its_dequantized_weight_and_passes_gradients_to_the_input_only():
-    from gill.models.quantize import Int8Linear, dequantize, quantize_rowwise
+    from gill.models.quantize import Int8Linear, dequantize, quantize_int8
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48).requires_grad_(False)
     lin.weight[3].mul_(50)  # one row with a far larger range: per-row scales keep the others precise
-    q, scale = quantize_rowwise(lin.weight)
-    assert q.dtype == torch.int8 and scale.shape == (48,) and q.abs().max() == 127
+    q, scale = quantize_int8(lin.weight)
+    assert q.dtype == torch.int8 and scale.shape == (48, 1) and q.abs().max() == 127
     w = dequantize(q, scale, torch.float32)
     err = (w - lin.weight).abs().amax(dim=1)
-    assert torch.all(err <= scale / 2 + 1e-7)  # round to nearest: at most half a step per row
+    assert torch.all(err <= scale[:, 0] / 2 + 1e-7)  # round to nearest: at most half a step per row
     assert err[0] < err[3] / 10
 
     qlin = Int8Linear(lin)
@@ -39,6 +39,14 @@ def test_int8_linear_matches_its_dequantized_weight_and_passes_gradients_to_the_
 
     with pytest.raises(ValueError, match="only frozen"):
         Int8Linear(nn.Linear(4, 4))
+
+    # per 16 input columns (int8-g128 at Kolors scale): an outlier coarsens only its group
+    lin.weight[5, 0] = 100.0
+    qg, sg = quantize_int8(lin.weight, 16)
+    assert sg.shape == (48, 4)
+    row_err = (dequantize(*quantize_int8(lin.weight), torch.float32) - lin.weight)[5, 16:].abs().max()
+    assert (dequantize(qg, sg, torch.float32) - lin.weight)[5, 16:].abs().max() < row_err / 10
+    assert Int8Linear(lin, 16)(x).shape == y.shape
 
 
 def test_quantized_text_encoder_loads_trains_and_is_planned_in_int8(tiny_stack_dir):
@@ -87,11 +95,11 @@ def test_quality_guard_on_the_tiny_stack_and_a_broken_quantizer_fails_it(monkeyp
     assert good["ok"], fmt(good)
     assert all(r["loss_rel_diff"] < 0.01 and r["grad_cosine"] > 0.99 for r in good["rows"])
 
-    def coarse(weight):
-        scale = torch.full((weight.shape[0],), 2.0 ** torch.ceil(torch.log2(weight.abs().max() / 4)).item())
-        return (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    def coarse(weight, group=None):
+        scale = torch.full((weight.shape[0], 1), 2.0 ** torch.ceil(torch.log2(weight.abs().max() / 4)).item())
+        return (weight / scale).round().clamp(-127, 127).to(torch.int8), scale
 
-    monkeypatch.setattr(qz, "quantize_rowwise", coarse)
+    monkeypatch.setattr(qz, "quantize_int8", coarse)
     bad = guard(cfg, "int8", 2, 64, torch.device("cpu"), torch.float32)
     assert not bad["ok"], fmt(bad)
 
