@@ -1,7 +1,7 @@
 """The memory planner against measurement on the tiny stack (CPU).
 
 For each config the real tiny model takes a real plain-PyTorch step (every mode: forward -> backward,
-then AdamW), and we measure exactly: frozen parameter bytes, trainable bytes, gradient bytes,
+then AdamW), and we measure exactly: frozen parameter and buffer bytes, trainable bytes, gradient bytes,
 optimizer-state bytes, and per mode the bytes autograd saved for backward (a ``saved_tensors_hooks``
 counter over distinct storages, frozen weights excluded — the real CPU kernels, the real attention
 mask, the real adapter hooks). The planner, which only builds modules on the meta device, must be
@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from gill.data.collate import collate_layout
 from gill.data.synthetic import SyntheticLayoutDataset
 from gill.models.model import MODES, GillModel
+from gill.models.quantize import frozen_bytes
 from gill.tools.plan import SavedTensorCounter, plan
 from gill.models.stack import load_stack
 
@@ -64,8 +65,8 @@ def measure(cfg, stack):
         state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.dim() > 0)
         return {
-            "frozen": sum(p.numel() * p.element_size() for f in (model.unet, model.text_encoder, model.vae, model.vision)
-                          for p in f.parameters()),
+            # parameters and buffers as stored (an int8 ChatGLM keeps its weights in buffers)
+            "frozen": sum(frozen_bytes(f) for f in (model.unet, model.text_encoder, model.vae, model.vision)),
             "trainables": sum(p.numel() * p.element_size() for p in params),
             "gradients": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
             "optimizer": state,
