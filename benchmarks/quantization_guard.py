@@ -29,7 +29,7 @@ MODES = ("captioning", "retrieval", "generation")
 
 def mode_losses_and_grads(model, batch, seed: int = 0) -> dict[str, tuple[float, torch.Tensor]]:
     """Per mode: (loss, flattened fp32 adapter gradient), each from a fresh backward."""
-    params = [p for p in model.trainable_parameters()]
+    params = model.trainable_parameters()
     out = {}
     for mode in MODES:
         for p in params:

@@ -620,6 +620,22 @@ def merge(paths: list[str], out_dir: Path, notes: str = "", first_run: int = 1) 
     write(rows, meta, out_dir, None)
 
 
+def run_meta(argv, device_type: str, model: str, dtype, **extra) -> dict:
+    """The run's header: command, device, date, torch, stack."""
+    cuda = device_type == "cuda"
+    return dict(command="python benchmarks/step_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                device=torch.cuda.get_device_name() if cuda else "CPU", when=time.strftime("%Y-%m-%d %H:%M"),
+                torch=torch.__version__, model=model, dtype=str(dtype),
+                total_gib=(torch.cuda.get_device_properties(0).total_memory / GiB) if cuda else None, **extra)
+
+
+def add_trainer_mfu(rows: list[dict], meta: dict) -> None:
+    for r in rows:
+        fl = meta["flops"].get(str(r["res"]))
+        if r["status"] == "ok" and fl:
+            r["mfu"] = fl * r["samples_per_s"] / PEAK_BF16_FLOPS
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny stack on the CPU (tests the script)")
@@ -663,13 +679,9 @@ def main(argv=None):
     for r in trainer_rows:
         log(json.dumps({k: v for k, v in r.items() if k != "error"}), r.get("error", "")[-300:])
     if args.trainer_only is not None:
-        meta = dict(command="python benchmarks/step_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                    device=torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
-                    when=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, model="kolors_random",
-                    dtype="torch.bfloat16", flops={str(r["res"]): args.trainer_only * 1e12 for r in trainer_rows})
-        for r in trainer_rows:
-            if r["status"] == "ok":
-                r["mfu"] = args.trainer_only * 1e12 * r["samples_per_s"] / PEAK_BF16_FLOPS
+        meta = run_meta(argv, "cuda" if torch.cuda.is_available() else "cpu", "kolors_random", torch.bfloat16,
+                        flops={str(r["res"]): args.trainer_only * 1e12 for r in trainer_rows})
+        add_trainer_mfu(trainer_rows, meta)
         write(trainer_rows, meta, out_dir, also)
         log(fmt_table(trainer_rows, meta))
         return trainer_rows
@@ -682,13 +694,8 @@ def main(argv=None):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     stack = load_stack(cfg.model, device=device, dtype=dtype)
     static = torch.cuda.memory_allocated() / GiB if device.type == "cuda" else 0.0
-    meta = dict(
-        command="python benchmarks/step_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "CPU",
-        when=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, model=model_name, dtype=str(dtype),
-        static_gib=static, stack_build_s=time.perf_counter() - t_start, flops={},
-        total_gib=(torch.cuda.get_device_properties(0).total_memory / GiB) if device.type == "cuda" else None,
-    )
+    meta = run_meta(argv, device.type, model_name, dtype, flops={}, static_gib=static,
+                    stack_build_s=time.perf_counter() - t_start)
     log(f"stack built in {meta['stack_build_s']:.1f}s, {static:.2f} GiB on {device}")
     resolutions = [int(r) for r in args.resolutions.split(",")]
     if args.tiny:
@@ -702,11 +709,8 @@ def main(argv=None):
         except Exception as e:  # noqa: BLE001
             log(f"flop count {res} failed: {type(e).__name__}: {str(e)[:300]}")
         cleanup(device)
-    for r in trainer_rows:
-        fl = meta["flops"].get(str(r["res"]))
-        if r["status"] == "ok" and fl:
-            r["mfu"] = fl * r["samples_per_s"] / PEAK_BF16_FLOPS
-        rows.append(r)
+    add_trainer_mfu(trainer_rows, meta)
+    rows.extend(trainer_rows)
     write(rows, meta, out_dir, also)
 
     t_rows = time.perf_counter()
