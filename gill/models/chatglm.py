@@ -29,12 +29,17 @@ def run_chatglm(
     b, s, _ = inputs_embeds.shape
     # ChatGLM only reads input_ids' shape when inputs_embeds is given (and for the padding mask).
     dummy_ids = torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device)
+    # Always the explicit [B, 1, S, S] mask: ChatGLM passes None to its layers when no row is padded,
+    # and under `model.compile` that is a second graph of every layer, compiled mid-run whenever a
+    # batch happens to have no padding (a one-label phrase, captions of equal length).
+    full_mask = text_encoder.get_masks(dummy_ids, None, padding_mask=attention_mask)
     # Contiguous copies, not transposed views: a linear on a strided [S, B, H] input falls back to a
     # batched matmul over S with B-wide tiles (measured: 63% of a micro-batch-8 step's GPU time).
     out = text_encoder(
         input_ids=dummy_ids,
         inputs_embeds=inputs_embeds.transpose(0, 1).contiguous(),
         attention_mask=attention_mask,
+        full_attention_mask=full_mask,
         position_ids=position_ids_from_mask(attention_mask),
         output_hidden_states=output_hidden_states,
         use_cache=False,

@@ -16,6 +16,8 @@ new graph — a 3-GPU Kolors run spent 98, 17, 15, 8, 17 s on its first five ste
 (benchmarks/scaling.md), and the tiny stack recompiled in 6 of 8 steps. PyTorch's automatic dynamic
 shapes (``dynamic=None``) recompile a region once with symbolic sizes when a size changes: the tiny
 stack then compiled once more in 8 steps (a 1-object layout: sizes 0 and 1 are always specialised).
+ChatGLM's layers are compiled with symbolic sizes from the start (``dynamic=True``): their sequence
+length and batch differ on nearly every call, so the first, static graph would only be thrown away.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 REGIONS = ("GLMBlock", "ResnetBlock2D")
+DYNAMIC = {"GLMBlock": True}  # torch.compile's `dynamic` per region class; None (automatic) otherwise
 # torch.compile mode of every region (None: the default). "reduce-overhead" adds CUDA graphs: measured
 # as a benchmark variant only (benchmarks/step_benchmark.py, "-ro" rows), not a config option yet.
 MODE: str | None = None
@@ -45,5 +48,5 @@ def compile_regions(*roots: nn.Module) -> list[nn.Module]:
             elif kind in SUBMODULES_OF:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
     for m in targets:
-        m.forward = torch.compile(m.forward, dynamic=None, mode=MODE)  # automatic dynamic: see the module docstring
+        m.forward = torch.compile(m.forward, dynamic=DYNAMIC.get(type(m).__name__), mode=MODE)
     return targets
