@@ -15,6 +15,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+# Sequences are left-padded to a multiple of this. Under `model.compile` ChatGLM's layers have a symbolic
+# length, and Inductor guards on its alignment to 8: the first batch of the other kind recompiled every
+# layer mid-run (an 18.8 s step at step 31 of a Kolors run, 2026-12-03). Padding costs <= 7 masked tokens.
+SEQ_MULTIPLE = 8
+
+
 def run_chatglm(
     text_encoder: nn.Module,
     inputs_embeds: torch.Tensor,
@@ -27,8 +33,12 @@ def run_chatglm(
     hidden states stay sequence-first as ChatGLM returns them (Kolors indexes them that way).
     """
     b, s, _ = inputs_embeds.shape
+    pad = -s % SEQ_MULTIPLE
+    if pad:  # masked on the left, as the tokenizer pads; cut off again below
+        inputs_embeds = nn.functional.pad(inputs_embeds, (0, 0, pad, 0))
+        attention_mask = nn.functional.pad(attention_mask, (pad, 0))
     # ChatGLM only reads input_ids' shape when inputs_embeds is given (and for the padding mask).
-    dummy_ids = torch.zeros(b, s, dtype=torch.long, device=inputs_embeds.device)
+    dummy_ids = torch.zeros(b, s + pad, dtype=torch.long, device=inputs_embeds.device)
     # Always the explicit [B, 1, S, S] mask: ChatGLM passes None to its layers when no row is padded,
     # and under `model.compile` that is a second graph of every layer, compiled mid-run whenever a
     # batch happens to have no padding (a one-label phrase, captions of equal length).
@@ -45,7 +55,8 @@ def run_chatglm(
         use_cache=False,
         return_dict=True,
     )
-    return out.last_hidden_state.transpose(0, 1).contiguous(), out.hidden_states
+    hidden_states = tuple(h[pad:] for h in out.hidden_states) if out.hidden_states is not None else None
+    return out.last_hidden_state[pad:].transpose(0, 1).contiguous(), hidden_states
 
 
 def embed_tokens(text_encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -241,9 +241,13 @@ class ModeActivation:
 
 
 def seq_lengths(model_cfg) -> dict[str, int]:
-    """Longest ChatGLM sequences with grad, per mode (captions at caption_max_tokens)."""
+    """Longest ChatGLM sequences with grad, per mode (captions at caption_max_tokens), as ChatGLM runs them:
+    padded to a multiple of ``SEQ_MULTIPLE``."""
+    from gill.models.chatglm import SEQ_MULTIPLE
+
     cap, k, r = int(model_cfg.caption_max_tokens), int(model_cfg.adapter.prefix_tokens), int(model_cfg.adapter.img_tokens)
-    return {"captioning": 2 + k + cap + 1, "img": 2 + cap + r}
+    lengths = {"captioning": 2 + k + cap + 1, "img": 2 + cap + r}
+    return {mode: -(-n // SEQ_MULTIPLE) * SEQ_MULTIPLE for mode, n in lengths.items()}
 
 
 def trace_chatglm(te: nn.Module, b: int, s: int, dtype, ckpt: bool, device="meta", exclude=()) -> tuple[int, int]:
