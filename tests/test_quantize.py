@@ -81,6 +81,15 @@ def test_quantized_text_encoder_loads_trains_and_is_planned_in_int8(tiny_stack_d
     assert model.adapter.img_tokens.grad is not None and model.adapter.img_tokens.grad.abs().sum() > 0
 
 
+def test_mlp_schemes_quantize_the_mlp_linears_only(tiny_stack_dir):
+    from gill.models.quantize import Int8Linear
+
+    model, _ = tiny_model(tiny_stack_dir, **{"quantize.text_encoder": "int8-g128-mlp"})
+    for layer in model.text_encoder.encoder.layers:
+        assert all(isinstance(m, Int8Linear) for m in (layer.mlp.dense_h_to_4h, layer.mlp.dense_4h_to_h))
+        assert type(layer.self_attention.query_key_value) is nn.Linear and type(layer.self_attention.dense) is nn.Linear
+
+
 def test_quality_guard_on_the_tiny_stack_and_a_broken_quantizer_fails_it(monkeypatch):
     """benchmarks/quantization_guard.py: int8 passes on the tiny stack; a quantizer that loses the
     per-row scale (one scale for the whole matrix, rounded to a power of two) fails it."""

@@ -33,7 +33,7 @@ def quantize_int8(weight: torch.Tensor, group: int | None = None) -> tuple[torch
     """``(int8 [out, in], fp32 scale [out, in / group])``: symmetric absmax per row, or per `group` input
     columns of a row (a tighter range where one outlier would coarsen the whole row)."""
     out, inp = weight.shape
-    g = group or inp
+    g = min(group or inp, inp)  # a row shorter than a group is one group
     if inp % g:
         raise ValueError(f"{inp} input columns do not split into groups of {g}")
     w = weight.view(out, inp // g, g)
