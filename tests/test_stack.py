@@ -201,3 +201,38 @@ def test_dir_without_weight_files_is_clear(tiny_stack_dir, tmp_path):
     (broken / "image_encoder" / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"vision: no weight file .*'pytorch_model.bin'"):
         load_stack(cfg)
+
+
+def test_run_chatglm_matches_chatglm_on_its_own_tokens(tiny_stack):
+    """run_chatglm pads varying lengths to a multiple of 8 on the left and always passes the full mask (one
+    compiled graph per layer): every real token's output must be what ChatGLM gives the tokenizer's own ids;
+    Kolors' prompt encoding (fixed length, pads included in the conditioning) must be unchanged."""
+    from gill.models.chatglm import SEQ_MULTIPLE, embed_tokens, encode_prompt, run_chatglm, tokenize
+
+    te, tok = tiny_stack.text_encoder, tiny_stack.tokenizer
+
+    def reference(texts, **kw):
+        enc = tok(texts, truncation=True, return_tensors="pt", **kw)
+        with torch.no_grad():
+            out = te(input_ids=enc.input_ids, attention_mask=enc.attention_mask, position_ids=enc.position_ids,
+                     output_hidden_states=True)
+        return enc, out
+
+    for texts in (["一只橘猫趴在沙发上", "猫"], ["猫"]):  # a padded batch, and one row with no padding at all
+        ids, mask = tokenize(tok, texts, max_length=64)
+        assert ids.shape[1] % SEQ_MULTIPLE  # the helper really pads
+        enc, ref = reference(texts, padding="longest", max_length=64)
+        with torch.no_grad():
+            last, hs = run_chatglm(te, embed_tokens(te, ids), mask, output_hidden_states=True)
+        real = mask.bool()
+        torch.testing.assert_close(last[real], ref.last_hidden_state.transpose(0, 1)[real], rtol=1e-5, atol=1e-5)
+        assert len(hs) == len(ref.hidden_states)
+        for a, b in zip(hs, ref.hidden_states):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a.transpose(0, 1)[real], b.transpose(0, 1)[real], rtol=1e-5, atol=1e-5)
+
+    texts = ["一只橘猫趴在沙发上", "猫"]
+    enc, ref = reference(texts, padding="max_length", max_length=13)
+    embeds, pooled = encode_prompt(te, tok, texts, 13)
+    torch.testing.assert_close(embeds, ref.hidden_states[-2].transpose(0, 1), rtol=1e-5, atol=1e-5)  # pads too
+    torch.testing.assert_close(pooled, ref.hidden_states[-1][-1], rtol=1e-5, atol=1e-5)

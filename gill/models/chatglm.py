@@ -15,9 +15,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-# Sequences are left-padded to a multiple of this. Under `model.compile` ChatGLM's layers have a symbolic
-# length, and Inductor guards on its alignment to 8: the first batch of the other kind recompiled every
-# layer mid-run (an 18.8 s step at step 31 of a Kolors run, 2026-12-03). Padding costs <= 7 masked tokens.
+# Varying sequences are left-padded to a multiple of this. Under `model.compile` ChatGLM's layers have a
+# symbolic length, and Inductor guards on its alignment to 8: the first batch of the other kind recompiled
+# every layer mid-run (an 18.8 s step at step 31 of a Kolors run, 2026-12-03). Costs <= 7 masked tokens;
+# real tokens' outputs do not change (pad positions' do: a pad row attends to every position).
 SEQ_MULTIPLE = 8
 
 
@@ -26,14 +27,16 @@ def run_chatglm(
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     output_hidden_states: bool = False,
+    multiple: int = SEQ_MULTIPLE,
 ):
     """Run ChatGLM on batch-first embeddings ``[B, S, H]`` with a left-padding mask ``[B, S]``.
 
     Returns ``(last_hidden [B, S, H] after the final norm, hidden_states tuple or None)``; the
     hidden states stay sequence-first as ChatGLM returns them (Kolors indexes them that way).
+    ``multiple``: the length is padded to a multiple of it (1: as given).
     """
     b, s, _ = inputs_embeds.shape
-    pad = -s % SEQ_MULTIPLE
+    pad = -s % multiple
     if pad:  # masked on the left, as the tokenizer pads; cut off again below
         inputs_embeds = nn.functional.pad(inputs_embeds, (0, 0, pad, 0))
         attention_mask = nn.functional.pad(attention_mask, (pad, 0))
@@ -88,7 +91,10 @@ def encode_prompt(text_encoder, tokenizer, texts: list[str], max_length: int, de
     """
     input_ids, attention_mask = tokenize(tokenizer, texts, max_length, padding=padding, device=device)
     embeds = embed_tokens(text_encoder, input_ids)
-    _, hidden_states = run_chatglm(text_encoder, embeds, attention_mask, output_hidden_states=True)
+    # At max_length the length never varies, and the pad positions are part of Kolors' conditioning:
+    # run exactly that length.
+    multiple = 1 if padding == "max_length" else SEQ_MULTIPLE
+    _, hidden_states = run_chatglm(text_encoder, embeds, attention_mask, output_hidden_states=True, multiple=multiple)
     prompt_embeds = hidden_states[-2].transpose(0, 1).contiguous()
     pooled = hidden_states[-1][-1]
     return prompt_embeds, pooled
