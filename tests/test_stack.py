@@ -220,7 +220,7 @@ def test_run_chatglm_matches_chatglm_on_its_own_tokens(tiny_stack):
 
     for texts in (["一只橘猫趴在沙发上", "猫"], ["猫"]):  # a padded batch, and one row with no padding at all
         ids, mask = tokenize(tok, texts, max_length=64)
-        assert ids.shape[1] % SEQ_MULTIPLE  # tokenize() really pads
+        assert ids.shape[1] % SEQ_MULTIPLE  # not aligned: run_chatglm must pad
         enc, ref = reference(texts, padding="longest", max_length=64)
         with torch.no_grad():
             last, hs = run_chatglm(te, embed_tokens(te, ids), mask, output_hidden_states=True)
