@@ -150,6 +150,9 @@ TRAINER_RECIPES = {
     # picks for a 24 GiB card with the encoder cache (micro-batch 12)
     "launch-int8": dict(overrides=["model.quantize.text_encoder=int8", "model.gradient_checkpointing.text_encoder=true"],
                         env={}),
+    # the int8 scheme that passes the quality guard (MLP linears, a scale per 128 columns; benchmarks/NOTES.md)
+    "launch-int8-g128-mlp": dict(overrides=["model.quantize.text_encoder=int8-g128-mlp",
+                                            "model.gradient_checkpointing.text_encoder=true"], env={}),
     # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
     "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }
