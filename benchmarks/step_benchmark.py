@@ -148,11 +148,10 @@ TRAINER_RECIPES = {
     "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     # ChatGLM's transformer linears in weight-only int8 and checkpointed: what `python -m gill.tools.plan --fit`
     # picks for a 24 GiB card with the encoder cache (micro-batch 12)
-    "launch-int8": dict(overrides=["model.quantize.text_encoder=int8", "model.gradient_checkpointing.text_encoder=true"],
-                        env={}),
-    # the int8 scheme that passes the quality guard (MLP linears, a scale per 128 columns; benchmarks/NOTES.md)
-    "launch-int8-g128-mlp": dict(overrides=["model.quantize.text_encoder=int8-g128-mlp",
-                                            "model.gradient_checkpointing.text_encoder=true"], env={}),
+    # (`launch-int8-g128-mlp`: the scheme that passes the quality guard, benchmarks/NOTES.md)
+    **{f"launch-{scheme}": dict(overrides=[f"model.quantize.text_encoder={scheme}",
+                                           "model.gradient_checkpointing.text_encoder=true"], env={})
+       for scheme in ("int8", "int8-g128-mlp")},
     # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
     "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }

@@ -64,8 +64,8 @@ class PhraseCache:
         missing = sorted({lab for row in labels for lab in row if lab not in self._cache})
         for lab in missing:
             # One label at a time (padded to a length set by the label alone): a label's vector must not
-            # depend on which other labels happened to be encoded with it (padding changes the arithmetic in the last bits, and
-            # that would make a resumed run differ from an uninterrupted one).
+            # depend on which other labels happened to be encoded with it (padding changes the arithmetic
+            # in the last bits, and that would make a resumed run differ from an uninterrupted one).
             _, pooled = encode_prompt(
                 model.text_encoder, model.tokenizer, [lab], model.phrase_max_length, model.device, padding="longest"
             )

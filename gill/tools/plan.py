@@ -259,21 +259,8 @@ def trace_chatglm(te: nn.Module, b: int, s: int, dtype, ckpt: bool, device="meta
         embeds = torch.zeros(b, s, te.config.hidden_size, dtype=dtype, requires_grad=True) * 1.0
         mask = torch.ones(b, s, dtype=torch.long)
     with SavedTensorCounter([te, *exclude], units) as c:
-        if device == "meta":
-            # ChatGLM's `not attention_mask.all()` needs values; an all-ones mask takes the
-            # same path as no mask (full-length captions: no padding)
-            _run_chatglm_nomask(te, embeds)
-        else:
-            run_chatglm(te, embeds, mask)
+        run_chatglm(te, embeds, mask)  # the explicit mask needs no values: it runs on the meta device too
     return (c.checkpointed() if ckpt else c.total), c.largest
-
-
-def _run_chatglm_nomask(te, embeds):
-    b, s, _ = embeds.shape
-    ids = torch.zeros(b, s, dtype=torch.long, device=embeds.device)
-    pos = torch.arange(s, device=embeds.device)[None].expand(b, -1)
-    return te(input_ids=ids, inputs_embeds=embeds.transpose(0, 1).contiguous(), attention_mask=None, position_ids=pos,
-              use_cache=False, return_dict=True).last_hidden_state
 
 
 def trace_lm_head(te: nn.Module, n_rows: int, dtype, device="meta") -> tuple[int, int]:
