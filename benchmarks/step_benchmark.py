@@ -148,10 +148,11 @@ TRAINER_RECIPES = {
     "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     # ChatGLM's transformer linears in weight-only int8 and checkpointed: what `python -m gill.tools.plan --fit`
     # picks for a 24 GiB card with the encoder cache (micro-batch 12)
-    # (`launch-int8-g128-mlp`: the scheme that passes the quality guard, benchmarks/NOTES.md)
-    **{f"launch-{scheme}": dict(overrides=[f"model.quantize.text_encoder={scheme}",
-                                           "model.gradient_checkpointing.text_encoder=true"], env={})
-       for scheme in ("int8", "int8-g128-mlp")},
+    # (`launch-int8-g128-mlp`: the scheme that passes the quality guard, benchmarks/NOTES.md);
+    # `+prompts`: the encoder cache holds the caption encodings too (`cache.prompts=true`)
+    **{f"launch-{scheme}{suffix}": dict(overrides=[f"model.quantize.text_encoder={scheme}",
+                                                   "model.gradient_checkpointing.text_encoder=true", *extra], env={})
+       for scheme in ("int8", "int8-g128-mlp") for suffix, extra in (("", []), ("+prompts", ["cache.prompts=true"]))},
     # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
     "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
 }
@@ -448,13 +449,16 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     return row
 
 
-def trainer_cache(root: str, res: str) -> Path:
+def trainer_cache(root: str, res: str, overrides: list[str]) -> Path:
     """The encoder cache of the trainer rows' data (seeded ``kolors_random``, the default synthetic set),
-    built on first use by ``python -m gill.tools.build_encoder_cache``."""
-    path = Path(root) / f"kolors_random_{res}"
+    built on first use by ``python -m gill.tools.build_encoder_cache``. With ``cache.prompts=true`` among the row's
+    ``overrides`` it holds the prompt encodings, under the row's ChatGLM quantization (a cache of its own)."""
+    extra = [o for o in overrides if o.startswith(("cache.", "model.quantize."))] if "cache.prompts=true" in overrides else []
+    quant = [o.split("=")[-1] for o in extra if o.startswith("model.quantize.")]
+    path = Path(root) / "_".join([f"kolors_random_{res}", *(["prompts", *quant] if extra else [])])
     if not (path / "manifest.json").exists():
         cmd = [sys.executable, "-m", "gill.tools.build_encoder_cache", "model=kolors_random",
-               f"train.resolution={res}", f"cache.dir={path}"]
+               f"train.resolution={res}", f"cache.dir={path}", *extra]
         log(" ".join(cmd))
         subprocess.run(cmd, check=True, cwd=ROOT)
     return path
@@ -469,7 +473,7 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
     rec = TRAINER_RECIPES[recipe]
     run_dir = out_dir / "trainer" / f"{recipe.replace('+', '_')}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    cache = [f"cache.dir={trainer_cache(args.trainer_cache, res)}"] if args.trainer_cache else []
+    cache = [f"cache.dir={trainer_cache(args.trainer_cache, res, rec['overrides'])}"] if args.trainer_cache else []
     overrides = ["model=kolors_random", f"train.resolution={res}", f"train.micro_batch_size={mb}",
                  "train.grad_accum=1", *cache, *rec["overrides"], *args.trainer_overrides]
     saved = {k: os.environ.get(k) for k in rec["env"]}

@@ -110,17 +110,22 @@ def test_interrupted_build_resumes_to_the_same_cache(tiny_stack_dir, tmp_path):
     assert not list((tmp_path / "split").glob("*.tmp"))
 
 
-def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_path):
+@pytest.mark.parametrize("prompts", [False, True], ids=["encoders", "encoders+prompts"])
+def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_path, prompts):
     """Same seed, same items: the losses and the adapter's gradients of all three modes agree.
-    The only difference is the VAE/CLIP batch composition (the cache encoded 3 images at a time,
+    The only difference is the encoders' batch composition (the cache encoded 3 items at a time,
     the image run 2): on CPU fp32 that moves the posterior in the last bits, measured: losses
-    within 1.2e-7 (one ulp), gradients within 8e-7. (On an H200 in bf16 the losses were equal.)"""
-    cfg = cfg_for(tiny_stack_dir, tmp_path / "c")
+    within 1.2e-7 (one ulp), gradients within 8e-7. (On an H200 in bf16 the losses were equal.)
+    With ``cache.prompts`` the generation mode reads the caption encodings from the cache: ChatGLM's
+    prompt pass is not run at all (it raises here), and the step is the same."""
+    cfg = cfg_for(tiny_stack_dir, tmp_path / "c", *(["cache.prompts=true"] if prompts else []))
     build_cache(cfg)
     images = build_dataset(cfg.data, 64, 0)
     cached = open_cache(cfg, images, on_gpu=False)
     torch.manual_seed(0)
     model = GillModel(load_stack(cfg.model, device="cpu", dtype=torch.float32), cfg.model)
+    model.empty_prompt()  # the dropped-caption encoding, computed once per run either way
+    online = model.prompt_encoding
 
     def step(batch):
         model.seed(123)
@@ -137,7 +142,18 @@ def test_training_step_from_cache_matches_step_from_images(tiny_stack_dir, tmp_p
 
     idx = [2, 7]
     from_images = step(collate_layout([images[i] for i in idx]))
-    from_cache = step(collate_layout([cached[i] for i in idx]))
+    batch = collate_layout([cached[i] for i in idx])
+    assert ("prompt_embeds" in batch) == prompts
+    if prompts:
+        embeds, pooled = online(batch["captions"])
+        torch.testing.assert_close(batch["prompt_embeds"], embeds, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch["prompt_pooled"], pooled, rtol=1e-5, atol=1e-5)
+
+        def no_prompt_pass(captions):
+            raise AssertionError("ChatGLM's prompt pass ran although the batch carries cached encodings")
+
+        model.prompt_encoding = no_prompt_pass
+    from_cache = step(batch)
     assert from_images[0].keys() == from_cache[0].keys()
     for k, v in from_images[0].items():
         assert from_cache[0][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
@@ -179,6 +195,24 @@ def test_stale_or_incomplete_cache_refused_before_any_model_loads(tiny_stack_dir
             run(cfg_for(tiny_stack_dir, tmp_path / "c2", *layout, out))
         with pytest.raises(CacheError, match="random augmentations"):
             build_cache(cfg_for(tiny_stack_dir, tmp_path / "c2", *layout))
+
+
+def test_prompt_encodings_follow_the_config(tiny_stack_dir, tmp_path):
+    """A run that wants cached prompt encodings refuses a cache without them, or one encoded under another
+    ChatGLM quantization; a cache with them still serves a run that encodes its prompts itself."""
+    plain, with_prompts = tmp_path / "plain", tmp_path / "prompts"
+    build_cache(cfg_for(tiny_stack_dir, plain))
+    build_cache(cfg_for(tiny_stack_dir, with_prompts, "cache.prompts=true"))
+    dataset = build_dataset(cfg_for(tiny_stack_dir, plain).data, 64, 0)
+    with pytest.raises(CacheError, match=r"(?s)prompts.max_length: cache null, config 32.*build_encoder_cache"):
+        open_cache(cfg_for(tiny_stack_dir, plain, "cache.prompts=true"), dataset, on_gpu=False)
+    with pytest.raises(CacheError, match='prompts.quantize: cache null, config "int8"'):
+        open_cache(cfg_for(tiny_stack_dir, with_prompts, "cache.prompts=true", "model.quantize.text_encoder=int8"),
+                   dataset, on_gpu=False)
+    without = open_cache(cfg_for(tiny_stack_dir, with_prompts), dataset, on_gpu=False)
+    assert "prompt_embeds" not in without[0] and "latent_mean" in without[0]
+    item = open_cache(cfg_for(tiny_stack_dir, with_prompts, "cache.prompts=true"), dataset, on_gpu=False)[0]
+    assert item["prompt_embeds"].shape == (32, 64) and item["prompt_pooled"].shape == (64,)
 
 
 def test_malformed_records_skipped_and_counted(tiny_stack_dir, tmp_path):

@@ -164,15 +164,18 @@ def test_kolors_preset_trains_at_1024_unless_overridden():
 def test_model_kolors_builds_the_cache_and_trains_from_published_files(published_dir, tmp_path, child_env):
     """`python -m gill.tools.build_encoder_cache` and `train_ds.py` with model=kolors pointed at the published-layout files."""
     paths = [f"model.pretrained_path={published_dir}", f"model.vision_path={published_dir}/image_encoder"]
-    common = [*KOLORS_AT_TINY_SIZE, *paths, f"cache.dir={tmp_path / 'c'}", "data.num_samples=6"]
+    common = [*KOLORS_AT_TINY_SIZE, *paths, f"cache.dir={tmp_path / 'c'}", "cache.prompts=true", "data.num_samples=6"]
     proc = subprocess.run([sys.executable, "-m", "gill.tools.build_encoder_cache", *common], cwd=ROOT, env=child_env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["records"] == 6
     assert "vae: diffusion_pytorch_model.fp16.safetensors" in proc.stderr
     assert "vision: pytorch_model.bin" in proc.stderr
+    assert "text_encoder: model.safetensors.index.fp16.json" in proc.stderr  # cache.prompts: ChatGLM's sharded fp16 files
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["fingerprint"]["model"]["vision_weights"][0][0] == "pytorch_model.bin"
+    assert [w[0] for w in manifest["fingerprint"]["prompts"]["text_encoder_weights"]] == [
+        f"model.fp16-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -182,7 +185,7 @@ def test_model_kolors_builds_the_cache_and_trains_from_published_files(published
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (out / "train_ds.log").read_text()
-    assert "training from the encoder cache" in log
+    assert "records, with prompt encodings)" in log
     for line in ("unet: diffusion_pytorch_model.fp16.safetensors", "text_encoder: model.safetensors.index.fp16.json",
                  "vision: pytorch_model.bin"):
         assert line in log, line

@@ -9,7 +9,8 @@ Every dataset in ``gill/data`` returns items of this shape (the model side relie
 :func:`collate_layout` keeps images as PIL (the model's own processors make tensors) and pads
 boxes to the largest object count in the batch. Items of the encoder cache
 (:class:`gill.data.encoder_cache.CachedLayoutDataset`) carry ``latent_mean``, ``latent_std`` and
-``vision_features`` tensors instead of ``image``; those are stacked.
+``vision_features`` tensors instead of ``image`` (and ``prompt_embeds`` / ``prompt_pooled`` with ``cache.prompts``);
+those are stacked.
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def collate_layout(items: list[dict]) -> dict:
         raise ValueError("a batch mixes cached items (encoder outputs) and image items")
     out = {"ids": [it["id"] for it in items]}
     if all(cached):
-        for key in ("latent_mean", "latent_std", "vision_features"):
-            out[key] = torch.stack([it[key] for it in items])
+        for key in ("latent_mean", "latent_std", "vision_features", "prompt_embeds", "prompt_pooled"):
+            if key in items[0]:
+                out[key] = torch.stack([it[key] for it in items])
     else:
         out["images"] = [it["image"] for it in items]
     return out | {

@@ -1,4 +1,5 @@
-"""The encoder cache on disk: per record, the frozen VAE's posterior and the CLIP tower's embedding.
+"""The encoder cache on disk: per record, the frozen VAE's posterior and the CLIP tower's embedding
+(and, with ``cache.prompts=true``, Kolors' ChatGLM encoding of the caption).
 
 Built by ``python -m gill.tools.build_encoder_cache`` (:mod:`gill.tools.build_encoder_cache`) over the training data set *after* its
 deterministic preprocessing; read back here by :class:`CachedLayoutDataset`, which yields the
@@ -11,7 +12,10 @@ Layout of ``cache.dir``::
     manifest.json               format, fingerprint, shard_size, num_items, shards {name: records,
                                 skipped, bytes}, complete, skipped / source_skipped (reason -> count)
     shard_00000.safetensors     latent_mean [n, 4, h, w], latent_std [n, 4, h, w] (VAE dtype,
-                                pre-scaling), image_embeds [n, Dv] (CLIP dtype); metadata
+                                pre-scaling), image_embeds [n, Dv] (CLIP dtype); with prompts:
+                                prompt_embeds [n, L, D] and prompt_pooled [n, D] (what
+                                ``encode_prompt`` gives the generation mode: L = model.prompt_max_length,
+                                2 MiB per record at Kolors' 256 x 4096 in bf16); metadata
                                 "gill_cache" = JSON {"records": [...], "skipped": [...]}
 
 Shard ``j`` holds the data set's items ``j * shard_size ... (j + 1) * shard_size - 1`` minus the
@@ -34,6 +38,7 @@ CACHE_FORMAT = "gill-encoder-cache-v1"
 MANIFEST = "manifest.json"
 META_KEY = "gill_cache"
 TENSORS = ("latent_mean", "latent_std", "image_embeds")
+PROMPT_TENSORS = ("prompt_embeds", "prompt_pooled")
 
 
 class CacheError(RuntimeError):
@@ -102,6 +107,32 @@ def describe_model(model_cfg) -> dict:
     }
 
 
+def describe_prompts(model_cfg) -> dict:
+    """What the cached prompt encodings are a function of besides :func:`describe_model`'s identity: ChatGLM's
+    weights and tokenizer, the encoded length and the quantization the training run applies to ChatGLM."""
+    quantize = model_cfg.get("quantize")
+    out = {"max_length": int(model_cfg.prompt_max_length),
+           "quantize": (quantize.get("text_encoder") if quantize else None)}
+    if model_cfg.get("name") == "kolors_random":
+        return out  # the seed in describe_model pins the weights; the tokenizer is the tiny stack's, fixed
+    from gill.models.stack import resolve_stack_paths
+
+    path, _ = resolve_stack_paths(model_cfg, build=False)
+    path = os.path.abspath(path)
+    tokenizer = Path(path, "tokenizer")
+    return {
+        **out,
+        "text_encoder_config_sha256": _sha256_file(os.path.join(path, "text_encoder", "config.json")),
+        "text_encoder_weights": _weights(os.path.join(path, "text_encoder")),
+        "tokenizer_sha256": {p.name: _sha256_file(p) for p in sorted(tokenizer.iterdir()) if p.is_file()}
+        if tokenizer.is_dir() else None,
+    }
+
+
+def prompts_enabled(cfg) -> bool:
+    return bool(cache_enabled(cfg) and cfg.cache.get("prompts", False))
+
+
 def describe_dataset(dataset) -> dict:
     """What the data set's items are a function of: its source files and preprocessing settings."""
     from gill.data.layout import LayoutDataset
@@ -152,13 +183,16 @@ def stack_dtype_name(cfg, on_gpu: bool) -> str:
 
 
 def fingerprint(cfg, dataset, on_gpu: bool) -> dict:
-    return {
+    fp = {
         "format": CACHE_FORMAT,
         "model": describe_model(cfg.model),
         "resolution": int(cfg.train.resolution),
         "dtype": stack_dtype_name(cfg, on_gpu),
         "data": describe_dataset(dataset),
     }
+    if prompts_enabled(cfg):
+        fp["prompts"] = describe_prompts(cfg.model)
+    return fp
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -228,7 +262,10 @@ def open_cache(cfg, dataset, on_gpu: bool) -> "CachedLayoutDataset":
     if manifest.get("format") != CACHE_FORMAT:
         raise CacheError(f"cache.dir={root}: format {manifest.get('format')!r}, expected {CACHE_FORMAT!r}; {REBUILD}")
     current = fingerprint(cfg, dataset, on_gpu)
-    diffs = diff_fingerprints(manifest["fingerprint"], current)
+    cached_fp = dict(manifest["fingerprint"])
+    if "prompts" not in current:  # a cache with prompt encodings serves a run that encodes its prompts itself
+        cached_fp.pop("prompts", None)
+    diffs = diff_fingerprints(cached_fp, current)
     if diffs:
         raise CacheError(f"cache.dir={root} does not match this config:\n  " + "\n  ".join(diffs) + f"\n{REBUILD}")
     n_shards = -(-manifest["num_items"] // manifest["shard_size"])
@@ -236,7 +273,7 @@ def open_cache(cfg, dataset, on_gpu: bool) -> "CachedLayoutDataset":
     if not manifest.get("complete") or len(done) != n_shards:
         raise CacheError(f"cache.dir={root} is incomplete ({len(done)} of {n_shards} shards): finish it by re-running "
                          "`python -m gill.tools.build_encoder_cache` with the same overrides (it resumes)")
-    cached = CachedLayoutDataset(root, manifest)
+    cached = CachedLayoutDataset(root, manifest, prompts="prompts" in current)
     # Every record of the data set is in the cache or was skipped by it, once, under the same id.
     ids = dataset_ids(dataset)
     covered: dict[int, str] = {}
@@ -257,15 +294,17 @@ def open_cache(cfg, dataset, on_gpu: bool) -> "CachedLayoutDataset":
 class CachedLayoutDataset:
     """The data set's items with ``latent_mean``, ``latent_std`` (``[4, h, w]``) and
     ``vision_features`` (``[Dv]``) instead of ``image``; every other key as the data set gives it.
+    With ``prompts``, also the caption's ``prompt_embeds`` (``[L, D]``) and ``prompt_pooled`` (``[D]``).
 
     Tensors are read lazily from memory-mapped shards (a 1024² record is ~260 KiB in bf16), so the
     cache never has to fit in RAM; each DataLoader worker opens its own handles. Records the build
     skipped (undecodable images) are simply absent: no substitute item, no duplicate.
     """
 
-    def __init__(self, root: str | Path, manifest: dict):
+    def __init__(self, root: str | Path, manifest: dict, prompts: bool = False):
         self.root = Path(root)
         self.manifest = manifest
+        self.prompts = prompts
         n_shards = -(-manifest["num_items"] // manifest["shard_size"])
         self.shards = [shard_name(j) for j in range(n_shards)]
         counts = [manifest["shards"][s]["records"] for s in self.shards]
@@ -316,7 +355,7 @@ class CachedLayoutDataset:
         row = index - self._starts[j]
         rec = self._meta(j)["records"][row]
         f = self._handle(j)
-        return {
+        item = {
             "id": rec["id"],
             "caption": rec["caption"],
             "objects": [{"label": o["label"], "bbox": tuple(o["bbox"])} for o in rec["objects"]],
@@ -326,3 +365,6 @@ class CachedLayoutDataset:
             "latent_std": f.get_slice("latent_std")[row],
             "vision_features": f.get_slice("image_embeds")[row],
         }
+        if self.prompts:
+            item.update({k: f.get_slice(k)[row] for k in PROMPT_TENSORS})
+        return item

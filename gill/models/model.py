@@ -240,6 +240,13 @@ class GillModel(nn.Module):
     def prompt_encoding(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_prompt(self.text_encoder, self.tokenizer, captions, self.prompt_max_length, self.device)
 
+    def caption_encoding(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kolors' encoding of the batch's captions: from the encoder cache (``prompt_embeds`` / ``prompt_pooled``,
+        ``cache.prompts``) when the batch has it, else ChatGLM's pass now."""
+        if "prompt_embeds" in batch:
+            return self.upload(batch["prompt_embeds"], self.dtype), self.upload(batch["prompt_pooled"], self.dtype)
+        return self.prompt_encoding(batch["captions"])
+
     def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The encoding of "" — what a dropped caption becomes (and Kolors' unconditional input)."""
         if self._empty_prompt is None:

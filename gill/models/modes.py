@@ -189,7 +189,7 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def generation(model, batch: dict) -> dict:
     captions = batch["captions"]
     b = len(captions)
-    prompt_embeds, pooled = model.prompt_encoding(captions)
+    prompt_embeds, pooled = model.caption_encoding(batch)
 
     # GILL mapper: regress ChatGLM's own encoding of the caption from the [IMG] hidden states.
     img_hidden, lm = img_token_forward(model, captions, lm_loss=True)

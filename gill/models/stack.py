@@ -370,7 +370,7 @@ def _load_vision(wf: WeightFiles, device, dtype: torch.dtype):
 def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
                    variant: str | None = None) -> KolorsStack:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.pipelines.kolors import ChatGLMModel, ChatGLMTokenizer
+    from diffusers.pipelines.kolors import ChatGLMModel
 
     weights = check_kolors_dir(path, variant)
     vision_weights = check_vision_dir(vision_path, variant)
@@ -378,7 +378,7 @@ def _load_from_dir(path: str, vision_path: str, device, dtype: torch.dtype,
     unet = _load_diffusers(UNet2DConditionModel, weights["unet"], "unet", dtype)
     vae = _load_diffusers(AutoencoderKL, weights["vae"], "vae", _vae_dtype(dtype))
     text_encoder = _load_transformers(ChatGLMModel, weights["text_encoder"], "text_encoder", dtype)
-    tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
+    tokenizer = load_tokenizer(path)
     # Training uses DDPM's add_noise with Kolors' betas (1100 steps, scaled_linear); sampling code builds
     # its own Euler scheduler from the same folder.
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
@@ -452,12 +452,10 @@ def random_image_processor():
 
 def _load_random(device, dtype: torch.dtype, cache_dir: str | None, seed: int | None = None) -> KolorsStack:
     from diffusers import DDPMScheduler
-    from diffusers.pipelines.kolors import ChatGLMTokenizer
 
     mods = build_random_modules(device, dtype, seed)
     # The tiny SentencePiece tokenizer: ids < 65024, so valid inputs for the full-size embedding.
-    tiny = ensure_tiny_stack(cache_dir)
-    tokenizer = ChatGLMTokenizer.from_pretrained(os.path.join(tiny, "tokenizer"), padding_side="left")
+    tokenizer = load_tokenizer(ensure_tiny_stack(cache_dir))
     return KolorsStack(
         unet=_freeze(mods["unet"], device, dtype),
         vae=_freeze(mods["vae"], device, _vae_dtype(dtype)),
@@ -501,8 +499,6 @@ def resolve_stack_paths(model_cfg, build: bool = True) -> tuple[str, str]:
 def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
     """Load the frozen stack described by `model_cfg` (keys: name, pretrained_path, vision_path,
     variant, cache_dir, dtype, quantize). `dtype` overrides `model_cfg.dtype`; both default to "auto"."""
-    from gill.models.quantize import quantize_text_encoder
-
     name = _cfg_get(model_cfg, "name", "tiny")
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     if name == "kolors_random":
@@ -511,11 +507,18 @@ def load_stack(model_cfg, device="cpu", dtype=None) -> KolorsStack:
         stack = _load_from_dir(*resolve_stack_paths(model_cfg), device, dtype, _cfg_get(model_cfg, "variant"))
     else:
         raise ValueError(f"unknown model name {name!r}; expected tiny | kolors | kolors_random")
+    _quantize(stack.text_encoder, model_cfg)
+    return stack
+
+
+def _quantize(text_encoder: nn.Module, model_cfg) -> None:
+    """``model.quantize.text_encoder`` applied in place (weight-only; null: left as loaded)."""
+    from gill.models.quantize import quantize_text_encoder
+
     scheme = _cfg_get(_cfg_get(model_cfg, "quantize"), "text_encoder")
     if scheme:
-        n = quantize_text_encoder(stack.text_encoder, scheme)
+        n = quantize_text_encoder(text_encoder, scheme)
         log.info("text_encoder: %d transformer linears quantized to %s (weight-only)", n, scheme)
-    return stack
 
 
 def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
@@ -539,6 +542,35 @@ def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     vae = _load_diffusers(AutoencoderKL, weights["vae"], "vae", _vae_dtype(dtype))
     vision, processor = _load_vision(vision_weights, device, dtype)
     return _freeze(vae, device, _vae_dtype(dtype)), vision, processor
+
+
+def load_tokenizer(path: str):
+    """ChatGLM's tokenizer from ``<path>/tokenizer``, left-padding as KolorsPipeline uses it. kolors_random borrows the
+    tiny stack's (its ids are valid inputs for the full-size embedding)."""
+    from diffusers.pipelines.kolors import ChatGLMTokenizer
+
+    return ChatGLMTokenizer.from_pretrained(os.path.join(path, "tokenizer"), padding_side="left")
+
+
+def load_text_encoder(model_cfg, device="cpu", dtype=None):
+    """Only ChatGLM and its tokenizer, loaded, cast, frozen and quantized exactly as :func:`load_stack` does: what the
+    encoder cache runs for the prompt encodings (``cache.prompts``). Returns ``(text_encoder, tokenizer)``."""
+    from diffusers.pipelines.kolors import ChatGLMModel
+
+    dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
+    if _cfg_get(model_cfg, "name") == "kolors_random":
+        seed = _cfg_get(model_cfg, "seed")
+        if seed is None:
+            raise ValueError("model=kolors_random needs model.seed for its text encoder to be the training run's")
+        te = build_random_modules(device, dtype, seed, only=("text_encoder",))["text_encoder"]
+        tokenizer = load_tokenizer(ensure_tiny_stack(_cfg_get(model_cfg, "cache_dir")))
+    else:
+        path, _ = resolve_stack_paths(model_cfg)
+        wf = check_kolors_dir(path, _cfg_get(model_cfg, "variant"))["text_encoder"]
+        te, tokenizer = _load_transformers(ChatGLMModel, wf, "text_encoder", dtype), load_tokenizer(path)
+    te = _freeze(te, device, dtype)
+    _quantize(te, model_cfg)
+    return te, tokenizer
 
 
 def stack_parameter_rows(stack_or_modules) -> list[tuple[str, int]]:

@@ -2,14 +2,16 @@
 
 Runs the frozen VAE encoder and the CLIP vision tower over the training data set, after the data
 set's deterministic preprocessing, and writes per record the VAE posterior's ``mean`` / ``std``
-(pre-scaling) and CLIP's ``image_embeds``. Same config tree as training::
+(pre-scaling) and CLIP's ``image_embeds``; with ``cache.prompts=true`` also ChatGLM's encoding of the caption
+(``encode_prompt``, as the generation mode computes it, with the run's ``model.quantize``). Same config tree as
+training::
 
     python -m gill.tools.build_encoder_cache model=kolors model.pretrained_path=... model.vision_path=... \\
         data=layout data.path=data/layout.jsonl data.random_flip=0 train.resolution=1024 \\
         cache.dir=data/cache-1024 cache.batch_size=8
 
 Batched on the GPU when there is one (bf16 there, fp32 on CPU, like the stack in training); only
-the VAE and the CLIP tower are loaded. Crash-safe and resumable: each shard is written to a temp
+the VAE and the CLIP tower are loaded (and ChatGLM with ``cache.prompts``). Crash-safe and resumable: each shard is written to a temp
 file, fsynced and renamed, then the manifest is replaced atomically; a re-run skips the shards the
 manifest lists and recomputes the rest (batches never cross a shard, so a resumed cache is the
 same as an uninterrupted one). A record whose image cannot be decoded is skipped, its reason
@@ -94,8 +96,9 @@ def build_cache(cfg, *, after_shard=None) -> dict:
     ``after_shard(j)`` runs after shard ``j`` is committed (tests use it to interrupt a build).
     """
     from gill.data.collate import build_dataset
+    from gill.models.chatglm import encode_prompt
     from gill.models.model import clip_image_embeds, vae_posterior
-    from gill.models.stack import load_frozen_encoders
+    from gill.models.stack import load_frozen_encoders, load_text_encoder
 
     if not cache_enabled(cfg):
         raise CacheError("cache.dir is not set: pass cache.dir=<folder> (training reads the cache from there)")
@@ -127,9 +130,12 @@ def build_cache(cfg, *, after_shard=None) -> dict:
     if mine:
         dtype = torch.bfloat16 if fp["dtype"] == "bf16" else torch.float32
         vae, vision, processor = load_frozen_encoders(cfg.model, device=device, dtype=dtype)
+        prompts = fp.get("prompts")
+        if prompts:
+            text_encoder, tokenizer = load_text_encoder(cfg.model, device=device, dtype=dtype)
     for j in mine:
         t0 = time.perf_counter()
-        records, skipped, images = [], [], []
+        records, skipped, images, captions = [], [], [], []
         for i in range(j * shard_size, min(n, (j + 1) * shard_size)):
             item = _item(dataset, i)
             if item is None:
@@ -138,14 +144,18 @@ def build_cache(cfg, *, after_shard=None) -> dict:
                 continue
             records.append(_record(i, item))
             images.append(item["image"])
-        parts: dict[str, list[torch.Tensor]] = {"latent_mean": [], "latent_std": [], "image_embeds": []}
+            captions.append(item["caption"])
+        parts: dict[str, list[torch.Tensor]] = {}
         for b in range(0, len(images), batch_size):  # batches never cross a shard: resume-exact
             chunk = images[b : b + batch_size]
             mean, std = vae_posterior(vae, chunk)
-            parts["latent_mean"].append(mean.cpu())
-            parts["latent_std"].append(std.cpu())
-            parts["image_embeds"].append(clip_image_embeds(vision, processor, chunk).cpu())
-        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items() if v}
+            out = {"latent_mean": mean, "latent_std": std, "image_embeds": clip_image_embeds(vision, processor, chunk)}
+            if prompts:
+                out["prompt_embeds"], out["prompt_pooled"] = encode_prompt(
+                    text_encoder, tokenizer, captions[b : b + batch_size], prompts["max_length"], device)
+            for k, v in out.items():
+                parts.setdefault(k, []).append(v.cpu())
+        tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         meta = {"records": records, "skipped": skipped, "fingerprint": fp_id}
         size = _write_shard(root / shard_name(j), tensors, meta)
         if world == 1:  # with several ranks, rank 0 lists every rank's shards at the end

@@ -190,7 +190,8 @@ def run(cfg, hydra_output_dir: str | None = None) -> dict:
     dataset = build_dataset(cfg.data, int(cfg.train.resolution), int(cfg.train.seed))
     if cache_enabled(cfg):  # a stale or incomplete cache fails here, before any model loads
         dataset = open_cache(cfg, dataset, on_gpu=device.type == "cuda")
-        log.info("training from the encoder cache %s (%d records)", cfg.cache.dir, len(dataset))
+        log.info("training from the encoder cache %s (%d records%s)", cfg.cache.dir, len(dataset),
+                 ", with prompt encodings" if dataset.prompts else "")
     val_cfg = cfg.data.get("val")
     val_dataset = build_dataset(val_cfg, int(cfg.train.resolution), int(cfg.train.seed)) if val_cfg else None
 
