@@ -144,8 +144,12 @@ def expandable_segments(on: bool, device):
 # Rows that run the real trainer (launch/train_1gpu.sh -> DeepSpeed launcher -> train_ds.py) on one GPU,
 # tabulated from its metrics.jsonl by benchmarks/scaling.py. Overrides come after the script's own.
 TRAINER_RECIPES = {
-    "launch": dict(overrides=[], env={}),  # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU)
+    # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU; since 2026-12-03 ChatGLM in int8-g128-mlp, checkpointed)
+    "launch": dict(overrides=[], env={}),
     "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    # the same with ChatGLM in bf16 and not checkpointed: the launch script's recipe before 2026-12-03 (`launch` then)
+    "launch-bf16": dict(overrides=["model.quantize.text_encoder=null", "model.gradient_checkpointing.text_encoder=false"],
+                        env={}),
     # ChatGLM's transformer linears in weight-only int8 and checkpointed: what `python -m gill.tools.plan --fit`
     # picks for a 24 GiB card with the encoder cache (micro-batch 12)
     # (`launch-int8-g128-mlp`: the scheme that passes the quality guard, benchmarks/NOTES.md);

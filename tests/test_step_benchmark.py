@@ -20,9 +20,10 @@ def compose(overrides):
 
 
 def test_launch_script_micro_batch_follows_the_encoder_cache(tmp_path):
-    assert "train.micro_batch_size=2" in launch_args(tmp_path)
-    assert "train.micro_batch_size=2" in launch_args(tmp_path, "cache.dir=null")
-    assert "train.micro_batch_size=4" in launch_args(tmp_path, "cache.dir=data/cache-1024")
+    assert "train.micro_batch_size=8" in launch_args(tmp_path)
+    assert "train.micro_batch_size=8" in launch_args(tmp_path, "cache.dir=null")
+    assert "train.micro_batch_size=10" in launch_args(tmp_path, "cache.dir=data/cache-1024")
+    assert "model.quantize.text_encoder=int8-g128-mlp" in launch_args(tmp_path)
     # a later override still wins (Hydra: last value)
     assert launch_args(tmp_path, "train.micro_batch_size=3")[-1] == "train.micro_batch_size=3"
 
