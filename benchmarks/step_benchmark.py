@@ -147,6 +147,7 @@ TRAINER_RECIPES = {
     # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU; since 2026-12-03 ChatGLM in int8-g128-mlp, checkpointed)
     "launch": dict(overrides=[], env={}),
     "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    "launch+gcfreeze": dict(overrides=["train.gc_freeze_after=1"], env={}),  # full GC collections skip the compiled heap
     # the same with ChatGLM in bf16 and not checkpointed: the launch script's recipe before 2026-12-03 (`launch` then)
     "launch-bf16": dict(overrides=["model.quantize.text_encoder=null", "model.gradient_checkpointing.text_encoder=false"],
                         env={}),

@@ -493,3 +493,23 @@ def test_nan_steps_are_skipped_then_the_run_stops(tiny_stack_dir, tmp_path, monk
         assert torch.isfinite(v).all()
         assert torch.equal(v, final[k]), f"a skipped step changed {k}"
     assert [p.name for p in CheckpointManager(tmp_path).complete()] == ["step_00000001"]
+
+
+def test_gc_freeze_after_freezes_the_heap_once_and_releases_it(tiny_stack_dir, tmp_path, monkeypatch):
+    """``train.gc_freeze_after=N``: the objects alive after the run's N-th step go to the collector's permanent
+    generation (full collections then skip the stack and compiled graphs), once; when ``fit`` ends they are released,
+    so what the run built can be collected (a one-process sweep's next job)."""
+    import gc
+
+    from gill.training import trainer as trainer_mod
+    from gill.training.recipe import run
+
+    steps, frozen = [], []
+    real_step, real_freeze = trainer_mod.optimizer_step, trainer_mod.freeze_heap
+    monkeypatch.setattr(trainer_mod, "optimizer_step", lambda *a, **k: steps.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(trainer_mod, "freeze_heap", lambda: real_freeze() or frozen.append((len(steps), gc.get_freeze_count())))
+    run(compose_cfg(f"model.pretrained_path={tiny_stack_dir}", f"train.output_dir={tmp_path / 'run'}",
+                    "train.max_steps=3", "train.gc_freeze_after=2", "train.save_every=0", "data.val=null"))
+    assert len(steps) == 3
+    assert len(frozen) == 1 and frozen[0][0] == 2 and frozen[0][1] > 10_000, frozen
+    assert gc.get_freeze_count() == 0

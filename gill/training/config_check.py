@@ -36,6 +36,7 @@ _NUMBERS = {
     "val_recall_pairs": ("int", 1, False),
     "max_bad_steps": ("int", 1, False),
     "num_workers": ("int", 0, False),
+    "gc_freeze_after": ("int", 0, False),
     "time_limit_min": ("float", 0.0, True),
     "gpu_memory_cap_gib": ("float", 0.0, True),
 }
