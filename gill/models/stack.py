@@ -521,6 +521,14 @@ def _quantize(text_encoder: nn.Module, model_cfg) -> None:
         log.info("text_encoder: %d transformer linears quantized to %s (weight-only)", n, scheme)
 
 
+def _random_seed(model_cfg, what: str) -> int:
+    """kolors_random's seed: a component built alone must be the training run's, so it needs one."""
+    seed = _cfg_get(model_cfg, "seed")
+    if seed is None:
+        raise ValueError(f"model=kolors_random needs model.seed for its {what} to be the training run's")
+    return seed
+
+
 def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
     """Only the VAE and the CLIP vision tower (+ its image processor) of a ``tiny``/``kolors`` stack,
     loaded, cast and frozen exactly as :func:`load_stack` does: what the encoder cache
@@ -529,10 +537,7 @@ def load_frozen_encoders(model_cfg, device="cpu", dtype=None):
 
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     if _cfg_get(model_cfg, "name") == "kolors_random":
-        seed = _cfg_get(model_cfg, "seed")
-        if seed is None:
-            raise ValueError("model=kolors_random needs model.seed for its encoders to be the training run's")
-        mods = build_random_modules(device, dtype, seed, only=("vae", "vision"))
+        mods = build_random_modules(device, dtype, _random_seed(model_cfg, "encoders"), only=("vae", "vision"))
         return (_freeze(mods["vae"], device, _vae_dtype(dtype)), _freeze(mods["vision"], device, dtype),
                 random_image_processor())
     variant = _cfg_get(model_cfg, "variant")
@@ -559,9 +564,7 @@ def load_text_encoder(model_cfg, device="cpu", dtype=None):
 
     dtype = resolve_dtype(dtype if dtype is not None else _cfg_get(model_cfg, "dtype", "auto"), device)
     if _cfg_get(model_cfg, "name") == "kolors_random":
-        seed = _cfg_get(model_cfg, "seed")
-        if seed is None:
-            raise ValueError("model=kolors_random needs model.seed for its text encoder to be the training run's")
+        seed = _random_seed(model_cfg, "text encoder")
         te = build_random_modules(device, dtype, seed, only=("text_encoder",))["text_encoder"]
         tokenizer = load_tokenizer(ensure_tiny_stack(_cfg_get(model_cfg, "cache_dir")))
     else:

@@ -11,8 +11,8 @@ training::
         cache.dir=data/cache-1024 cache.batch_size=8
 
 Batched on the GPU when there is one (bf16 there, fp32 on CPU, like the stack in training); only
-the VAE and the CLIP tower are loaded (and ChatGLM with ``cache.prompts``). Crash-safe and resumable: each shard is written to a temp
-file, fsynced and renamed, then the manifest is replaced atomically; a re-run skips the shards the
+the VAE and the CLIP tower are loaded (and ChatGLM with ``cache.prompts``). Crash-safe and resumable: each shard is
+written to a temp file, fsynced and renamed, then the manifest is replaced atomically; a re-run skips the shards the
 manifest lists and recomputes the rest (batches never cross a shard, so a resumed cache is the
 same as an uninterrupted one). A record whose image cannot be decoded is skipped, its reason
 counted (``manifest.json: skipped``); records the data set itself rejected are counted under
