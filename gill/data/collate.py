@@ -37,8 +37,8 @@ def collate_layout(items: list[dict]) -> dict:
         raise ValueError("a batch mixes cached items (encoder outputs) and image items")
     out = {"ids": [it["id"] for it in items]}
     if all(cached):
-        for key in ("latent_mean", "latent_std", "vision_features", "prompt_embeds", "prompt_pooled"):
-            if key in items[0]:
+        for key, value in items[0].items():  # the cache's tensors, whichever it holds
+            if isinstance(value, torch.Tensor):
                 out[key] = torch.stack([it[key] for it in items])
     else:
         out["images"] = [it["image"] for it in items]

@@ -37,7 +37,6 @@ import torch
 CACHE_FORMAT = "gill-encoder-cache-v1"
 MANIFEST = "manifest.json"
 META_KEY = "gill_cache"
-TENSORS = ("latent_mean", "latent_std", "image_embeds")
 PROMPT_TENSORS = ("prompt_embeds", "prompt_pooled")
 
 

@@ -165,7 +165,7 @@ class Trainer:
                                 distributed.rank(), self.model.device)
         limit_s = float(self.t.get("time_limit_min") or 0) * 60
         started = time.monotonic()
-        freeze_after, steps_here = int(self.t.get("gc_freeze_after") or 0), 0
+        freeze_after, first_step = int(self.t.get("gc_freeze_after") or 0), self.step
         try:
             while self.step < self.max_steps:
                 profiler.before_step(self.step + 1)  # data loading is part of a step's cost
@@ -174,8 +174,7 @@ class Trainer:
                 metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
                 dt = time.perf_counter() - t0
                 self.step += 1
-                steps_here += 1
-                if steps_here == freeze_after:
+                if self.step - first_step == freeze_after:
                     freeze_heap()
                 profiler.after_step(self.step)
                 if profiler.covers(self.step):
