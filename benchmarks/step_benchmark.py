@@ -35,7 +35,7 @@ runs the tiny stack on the CPU to test the script), and for each strategy a fres
 ==========  ==============================================================================================
 
 ``--trainer-rows cap:res:recipe:mb:steps,...`` also runs the real trainer (``launch/train_1gpu.sh``, recipes in
-``TRAINER_RECIPES``) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
+``trainer_recipe``: a base and ``+lever``s) before the stack loads and adds its steady state (first ``--trainer-warmup`` steps left out)
 as a row. Every row reports its timed steps (``--steps``, default 10) and the allocator's retries in them.
 
 DeepSpeed rows run the trainer's own ``gill.training.recipe.optimizer_step``. With the optimizer offloaded
@@ -143,24 +143,40 @@ def expandable_segments(on: bool, device):
 
 # Rows that run the real trainer (launch/train_1gpu.sh -> DeepSpeed launcher -> train_ds.py) on one GPU,
 # tabulated from its metrics.jsonl by benchmarks/scaling.py. Overrides come after the script's own.
-TRAINER_RECIPES = {
+TRAINER_BASES = {
     # launch/train_1gpu.sh as it stands (ZeRO-2, optimizer on the GPU; since 2026-12-03 ChatGLM in int8-g128-mlp, checkpointed)
-    "launch": dict(overrides=[], env={}),
-    "launch+es": dict(overrides=[], env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
-    "launch+gcfreeze": dict(overrides=["train.gc_freeze_after=1"], env={}),  # full GC collections skip the compiled heap
+    "launch": [],
     # the same with ChatGLM in bf16 and not checkpointed: the launch script's recipe before 2026-12-03 (`launch` then)
-    "launch-bf16": dict(overrides=["model.quantize.text_encoder=null", "model.gradient_checkpointing.text_encoder=false"],
-                        env={}),
-    # ChatGLM's transformer linears in weight-only int8 and checkpointed: what `python -m gill.tools.plan --fit`
-    # picks for a 24 GiB card with the encoder cache (micro-batch 12)
-    # (`launch-int8-g128-mlp`: the scheme that passes the quality guard, benchmarks/NOTES.md);
-    # `+prompts`: the encoder cache holds the caption encodings too (`cache.prompts=true`)
-    **{f"launch-{scheme}{suffix}": dict(overrides=[f"model.quantize.text_encoder={scheme}",
-                                                   "model.gradient_checkpointing.text_encoder=true", *extra], env={})
-       for scheme in ("int8", "int8-g128-mlp") for suffix, extra in (("", []), ("+prompts", ["cache.prompts=true"]))},
+    "launch-bf16": ["model.quantize.text_encoder=null", "model.gradient_checkpointing.text_encoder=false"],
+    # ChatGLM's transformer linears in weight-only int8 and checkpointed (`int8-g128-mlp`: the scheme that passes
+    # the quality guard, benchmarks/NOTES.md; what the launch script runs since 2026-12-03)
+    **{f"launch-{scheme}": [f"model.quantize.text_encoder={scheme}", "model.gradient_checkpointing.text_encoder=true"]
+       for scheme in ("int8", "int8-g128-mlp")},
     # the previous one-GPU recipe: optimizer state on the CPU (DeepSpeedCPUAdam, a JIT build on first use)
-    "offload": dict(overrides=["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"], env={}),
+    "offload": ["deepspeed=zero2_offload", "~deepspeed.overrides.optimizer"],
 }
+# Levers added to a base with `+name` (`launch+prompts+gcfreeze`): Hydra overrides, environment
+TRAINER_LEVERS = {
+    "es": ([], {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    "gcfreeze": (["train.gc_freeze_after=1"], {}),  # full GC collections skip the compiled heap
+    "prompts": (["cache.prompts=true"], {}),  # the encoder cache holds the caption encodings too
+    "ca": (["model.compile_adapter=true"], {}),  # the spatial adapter's injections compiled too
+    # no recomputation at all (for an uncapped GPU: memory buys speed)
+    "nockpt": (["model.gradient_checkpointing.unet=false", "model.gradient_checkpointing.text_encoder=false"], {}),
+}
+
+
+def trainer_recipe(name: str) -> dict:
+    """``base+lever+...`` -> ``{"overrides": [...], "env": {...}}`` (``TRAINER_BASES``, ``TRAINER_LEVERS``)."""
+    base, *levers = name.split("+")
+    if base not in TRAINER_BASES or any(lv not in TRAINER_LEVERS for lv in levers):
+        raise ValueError(f"trainer recipe {name!r}: base one of {sorted(TRAINER_BASES)}, "
+                         f"then +lever from {sorted(TRAINER_LEVERS)}")
+    overrides, env = list(TRAINER_BASES[base]), {}
+    for lv in levers:
+        overrides += TRAINER_LEVERS[lv][0]
+        env.update(TRAINER_LEVERS[lv][1])
+    return dict(overrides=overrides, env=env)
 
 
 def log(*a):
@@ -454,13 +470,36 @@ def measure_row(stack, cfg, variant, res, mb, cap, args, device, dtype, meta) ->
     return row
 
 
+def launch_script_args(*extra: str, script: str = "train_1gpu.sh") -> list[str]:
+    """The arguments ``launch/<script> *extra`` hands to `deepspeed` (a stub on PATH records them)."""
+    import shlex
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stub, record = Path(tmp) / "deepspeed", Path(tmp) / "args.txt"
+        stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
+        stub.chmod(0o755)
+        env = dict(os.environ, PATH=f"{tmp}:{os.environ['PATH']}")
+        subprocess.run(["bash", str(ROOT / "launch" / script), *extra], check=True, env=env, timeout=60)
+        return record.read_text().splitlines()
+
+
 def trainer_cache(root: str, res: str, overrides: list[str]) -> Path:
     """The encoder cache of the trainer rows' data (seeded ``kolors_random``, the default synthetic set),
-    built on first use by ``python -m gill.tools.build_encoder_cache``. With ``cache.prompts=true`` among the row's
-    ``overrides`` it holds the prompt encodings, under the row's ChatGLM quantization (a cache of its own)."""
-    extra = [o for o in overrides if o.startswith(("cache.", "model.quantize."))] if "cache.prompts=true" in overrides else []
-    quant = [o.split("=")[-1] for o in extra if o.startswith("model.quantize.")]
-    path = Path(root) / "_".join([f"kolors_random_{res}", *(["prompts", *quant] if extra else [])])
+    built on first use by ``python -m gill.tools.build_encoder_cache``. When the row trains with
+    ``cache.prompts=true`` (the launch script's choice with a cache, unless the row's ``overrides`` say otherwise)
+    it holds the prompt encodings, under the ChatGLM quantization the row trains with (a cache of its own)."""
+    args = launch_script_args(f"cache.dir={root}", *overrides)  # what the row's run will be handed
+
+    def last(key: str) -> str | None:
+        values = [a.split("=", 1)[1] for a in args if a.startswith(key + "=")]
+        return values[-1] if values else None
+
+    extra = []
+    if last("cache.prompts") == "true":
+        extra = ["cache.prompts=true", f"model.quantize.text_encoder={last('model.quantize.text_encoder')}"]
+    name = [f"kolors_random_{res}", *(["prompts", extra[-1].split("=")[-1]] if extra else [])]
+    path = Path(root) / "_".join(name)
     if not (path / "manifest.json").exists():
         cmd = [sys.executable, "-m", "gill.tools.build_encoder_cache", "model=kolors_random",
                f"train.resolution={res}", f"cache.dir={path}", *extra]
@@ -475,7 +514,7 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
     import scaling
 
     cap, res, recipe, mb, steps = spec.split(":")
-    rec = TRAINER_RECIPES[recipe]
+    rec = trainer_recipe(recipe)
     run_dir = out_dir / "trainer" / f"{recipe.replace('+', '_')}_{res}_mb{mb}_cap{cap}_{time.strftime('%H%M%S')}"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     cache = [f"cache.dir={trainer_cache(args.trainer_cache, res, rec['overrides'])}"] if args.trainer_cache else []
@@ -666,8 +705,9 @@ def main(argv=None):
     ap.add_argument("--also-out", default=os.environ.get("OUT", ""), help="second copy of the results ($OUT)")
     ap.add_argument("--rows", default="", help="explicit rows cap:res:variant:mb,... instead of the grid")
     ap.add_argument("--trainer-rows", default="",
-                    help="cap:res:recipe:mb:steps,... - rows that run the real trainer (recipes: "
-                    + ", ".join(TRAINER_RECIPES) + "); run first, before this process loads its stack")
+                    help="cap:res:recipe:mb:steps,... - rows that run the real trainer (recipe: a base of "
+                    + ", ".join(TRAINER_BASES) + " then +levers of " + ", ".join(TRAINER_LEVERS)
+                    + "); run first, before this process loads its stack")
     ap.add_argument("--trainer-warmup", type=int, default=10, help="trainer rows: first steps left out")
     ap.add_argument("--trainer-minutes", type=float, default=6.0, help="trainer rows: time limit of each run")
     ap.add_argument("--trainer-cache", default=None, help="trainer rows: train from an encoder cache under this "

@@ -5,8 +5,7 @@ through the same race-safe cache path production uses; `tiny_stack` loads it bac
 `gill.models.stack.load_stack` (fp32, CPU) exactly as a real Kolors directory would be loaded.
 """
 import os
-import shlex
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,15 +45,11 @@ def tiny_stack_dir(tmp_path_factory) -> str:
 
 
 def launch_args(tmp_path, *extra, script: str = "train_1gpu.sh") -> list[str]:
-    """The arguments ``launch/<script>`` hands to `deepspeed` (a stub on PATH records them)."""
-    stub = tmp_path / "bin" / "deepspeed"
-    stub.parent.mkdir(exist_ok=True)
-    record = tmp_path / "args.txt"
-    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {shlex.quote(str(record))}\n')
-    stub.chmod(0o755)
-    env = dict(os.environ, PATH=f"{stub.parent}:{os.environ['PATH']}")
-    subprocess.run(["bash", str(ROOT / "launch" / script), *extra], check=True, env=env, timeout=60)
-    return record.read_text().splitlines()
+    """The arguments ``launch/<script>`` hands to `deepspeed` (benchmarks/step_benchmark.py records them)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from step_benchmark import launch_script_args
+
+    return launch_script_args(*extra, script=script)
 
 
 @pytest.fixture(scope="session")

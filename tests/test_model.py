@@ -199,12 +199,13 @@ def mode_gradients(model, batch) -> dict:
 
 @pytest.mark.slow
 def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
-    """model.compile (the Kolors default): same gradients as eager, hooks outside the graphs."""
+    """model.compile (the Kolors default) with the adapter's injections compiled too (``compile_adapter``):
+    same gradients as eager, the spatial hooks outside the graphs."""
     eager = mode_gradients(make_model(tiny_stack_dir), batch)
-    model = make_model(tiny_stack_dir, **{"compile": True, "gradient_checkpointing.unet": True,
+    model = make_model(tiny_stack_dir, **{"compile": True, "compile_adapter": True, "gradient_checkpointing.unet": True,
                                           "gradient_checkpointing.text_encoder": True})
     kinds = {type(m).__name__ for m in model.compiled_regions}
-    assert kinds == {"GLMBlock", "ResnetBlock2D", "Attention", "FeedForward"}, kinds
+    assert kinds == {"GLMBlock", "ResnetBlock2D", "Attention", "FeedForward", "GatedCrossAttention"}, kinds
     compiled = mode_gradients(model, batch)
     assert compiled.keys() == eager.keys()
     for n in eager:

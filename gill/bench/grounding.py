@@ -112,7 +112,7 @@ def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0
     stats = {"pool": p.pool, "render_s": time.perf_counter() - t0}
 
     if p.vae == "pixel":
-        stack.vae = build_pixel_vae().to(device)
+        stack.vae = build_pixel_vae(p.vae_pool).to(device)
         stats["vae_recon_mse"] = float(F.mse_loss(stack.vae.decode(stack.vae.encode(images[:256]).latent_dist.mean).sample,
                                                   images[:256]))
     elif p.vae == "trained":
@@ -132,6 +132,8 @@ def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0
     scale = float(1.0 / mean.std())
     stats.update({"vae": p.vae, "vae_scaling_factor": scale, "latent_posterior_std": float(std.mean())})
     stack.vae.register_to_config(scaling_factor=scale)
+    # the pipelines' default size is the UNet's sample size times the VAE's downscale
+    stack.unet.register_to_config(sample_size=p.resolution // 2 ** (len(stack.vae.config.block_out_channels) - 1))
     shutil.rmtree(tmp / "vae")
     stack.vae.save_pretrained(tmp / "vae", safe_serialization=True)
 

@@ -18,6 +18,7 @@ class Preset:
     resolution: int = 64
     pool: int = 2048  # train-split images for the stand-in's pretraining
     vae: str = "pixel"  # "pixel": the fixed pixel-space AutoencoderKL | "trained": train the tiny VAE
+    vae_pool: int = 4  # the pixel VAE's downscale (4: a 16x16 latent at 64 px; 2: 32x32, ~4x the UNet's work)
     vae_steps: int = 600
     vae_batch: int = 16
     vae_lr: float = 2e-3
@@ -99,12 +100,16 @@ _TV_FIELDS = ("resolution", "pool", "vae", "vae_steps", "vae_batch", "vae_lr", "
 def standin_key(p: Preset) -> str:
     """Hash of the preset fields the stand-in depends on (adapter/eval settings do not rebuild it)."""
     fields = (*_TV_FIELDS, "unet_steps", "unet_batch", "unet_lr", "unet_high_noise")
-    return _key({f: getattr(p, f) for f in sorted(fields)})
+    key = {f: getattr(p, f) for f in sorted(fields)}
+    if p.vae_pool != 4:  # only when set, so the stand-ins built before the field existed keep their key
+        key["vae_pool"] = p.vae_pool
+    return _key(key)
 
 
 def text_vision_key(p: Preset) -> str:
-    """Hash of what the pretrained text encoder and tower depend on (the VAE stage runs before them on
-    the same random stream), so a UNet-only change reuses them."""
+    """Hash of what the pretrained text encoder and tower depend on (a trained VAE runs before them on
+    the same random stream; the pixel VAE draws nothing from it, so its pooling is not part of the key),
+    so a UNet-only change reuses them."""
     return _key({f: getattr(p, f) for f in sorted(_TV_FIELDS)})
 
 

@@ -27,8 +27,8 @@ def _images_tensor(items, device) -> torch.Tensor:
 
 
 # The fixed pixel-space "VAE": a real AutoencoderKL whose weights are set by hand so that
-#   encode(x) = 4x4 average of the RGB pixels in latent channels 0-2 (channel 3 = 0, std 3e-7)
-#   decode(z) = nearest-neighbour 4x upsampling of channels 0-2.
+#   encode(x) = pool x pool average of the RGB pixels in latent channels 0-2 (channel 3 = 0, std 3e-7)
+#   decode(z) = nearest-neighbour upsampling of channels 0-2 by the same factor (pool 4 or 2).
 # Every ResnetBlock2D's conv2 and every attention's to_out are zero (identity through the residual),
 # the stride-2 downsampling convs average 2x2, the upsampling convs pass through. The two GroupNorm +
 # SiLU at the ends would destroy absolute colour, so each colour travels in a GroupNorm group of four
@@ -36,20 +36,28 @@ def _images_tensor(items, device) -> torch.Tensor:
 # which the norm's weight undoes; its bias shifts by 20 so SiLU(x + 20) = x + 20 to 4e-8, and the
 # following conv's bias takes the 20 back. Exact to 1e-4 in fp32 (tests check the round trip); not
 # meant for bf16 (the K offsets need fp32 mantissa), so the benchmark runs the stand-in in fp32.
-PIXEL_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 32, 32), latent_channels=4,
-    layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0, force_upcast=True,
-)
 _K, _SHIFT = 100.0, 20.0
 
 
+def pixel_vae_config(pool: int = 4) -> dict:
+    """The AutoencoderKL config of :func:`build_pixel_vae`: one block per halving, plus the last (which
+    does not downsample), so ``pool`` = 2 ** (blocks - 1), diffusers' own scale factor."""
+    if pool not in (2, 4, 8):
+        raise ValueError(f"the pixel VAE pools by 2, 4 or 8, got {pool}")
+    blocks = int(math.log2(pool)) + 1
+    return dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, block_out_channels=(32,) * blocks, latent_channels=4,
+        layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=1.0, force_upcast=True,
+    )
+
+
 @torch.no_grad()
-def build_pixel_vae():
+def build_pixel_vae(pool: int = 4):
     from diffusers import AutoencoderKL
     from diffusers.models.resnet import ResnetBlock2D
 
-    vae = AutoencoderKL(**PIXEL_VAE_CONFIG)
+    vae = AutoencoderKL(**pixel_vae_config(pool))
     for q in vae.parameters():
         q.zero_()
 

@@ -17,7 +17,7 @@ from torch import nn
 from gill.models import modes
 from gill.models.adapter import GillAdapter
 from gill.models.chatglm import encode_prompt
-from gill.training.compile import compile_regions
+from gill.training.compile import ADAPTER_REGIONS, compile_regions
 from gill.models.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
 
 MODES = ("captioning", "retrieval", "generation")
@@ -124,7 +124,11 @@ class GillModel(nn.Module):
             self.unet.enable_gradient_checkpointing()
         if cfg.gradient_checkpointing.text_encoder:
             self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.compiled_regions = compile_regions(self.text_encoder, self.unet) if cfg.get("compile", False) else []
+        self.compiled_regions = []
+        if cfg.get("compile", False):
+            self.compiled_regions = compile_regions(self.text_encoder, self.unet)
+            if cfg.get("compile_adapter", False):
+                self.compiled_regions += compile_regions(self.adapter.spatial, regions=ADAPTER_REGIONS)
 
     # ---- housekeeping -------------------------------------------------------------------------
     def train(self, mode: bool = True):

@@ -267,6 +267,9 @@ class SpatialAdapter(nn.Module):
         tokens = self.tokenizer(phrase_embeds, boxes, mask)
         if self.null_token is not None:
             tokens = torch.cat((tokens, self.null_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)), dim=1)
+        # The object count changes with nearly every batch: compiled injections (model.compile_adapter) take it
+        # as a symbolic size from the first call instead of compiling a graph per count (gill/training/compile.py).
+        torch._dynamo.maybe_mark_dynamic(tokens, 1)
         self._state = {"tokens": tokens, "boxes": boxes, "mask": mask}
 
     def clear_layout(self):
@@ -359,7 +362,13 @@ class SpatialAdapter(nn.Module):
                 if grid is None or grid[0] * grid[1] != hidden.shape[1]:
                     raise RuntimeError(f"spatial adapter: no token grid recorded for {parent} matching "
                                        f"{hidden.shape[1]} tokens (got {grid})")
-                mask = self._box_mask(grid)
+                # One mask per grid size and layout, shared by the blocks on that grid (Kolors: 70 blocks on
+                # 2 grids) and by their checkpointed re-runs: ~15 small kernels per block saved.
+                masks = self._state.setdefault("masks", {})
+                if grid not in masks:
+                    masks[grid] = self._box_mask(grid)
+                    torch._dynamo.maybe_mark_dynamic(masks[grid], 2)  # its object axis, like the tokens'
+                mask = masks[grid]
             return output + layer(hidden, self._state["tokens"], mask)
 
         return hook

@@ -25,16 +25,23 @@ import torch
 from torch import nn
 
 REGIONS = ("GLMBlock", "ResnetBlock2D")
-DYNAMIC = {"GLMBlock": True}  # torch.compile's `dynamic` per region class; None (automatic) otherwise
+# The spatial adapter's injections (``model.compile_adapter``): trainable, one per UNet transformer block
+# (70 at Kolors scale), each ~15 small kernels per call when eager. Same-class layers share graphs.
+ADAPTER_REGIONS = ("GatedCrossAttention", "GatedSelfAttention")
+# torch.compile's `dynamic` per region class; None (automatic) otherwise. The adapter's injections stay automatic:
+# with every size symbolic, duck sizing ties the object count to the batch whenever they happen to be equal (one more
+# graph mid-run); instead their grounding tokens' object axis is marked dynamic where they are made
+# (SpatialAdapter.set_layout), and the token grid turns symbolic at the second grid size, in the first call.
+DYNAMIC = {"GLMBlock": True}
 # torch.compile mode of every region (None: the default). "reduce-overhead" adds CUDA graphs: measured
 # as a benchmark variant only (benchmarks/step_benchmark.py, "-ro" rows), not a config option yet.
 MODE: str | None = None
 SUBMODULES_OF = {"BasicTransformerBlock": ("attn1", "attn2", "ff")}
 
 
-def compile_regions(*roots: nn.Module) -> list[nn.Module]:
-    """Compile the regions under ``roots`` in place; returns the modules whose forward was replaced
-    (``del module.forward`` restores the eager one)."""
+def compile_regions(*roots: nn.Module, regions: tuple[str, ...] = REGIONS) -> list[nn.Module]:
+    """Compile the ``regions`` (class names) under ``roots`` in place; returns the modules whose forward
+    was replaced (``del module.forward`` restores the eager one)."""
     import torch._dynamo.config as dynamo_config
 
     # One cached graph per (region class, input shapes): more than the default 8 with 3 modes.
@@ -43,7 +50,7 @@ def compile_regions(*roots: nn.Module) -> list[nn.Module]:
     for root in roots:
         for m in root.modules():
             kind = type(m).__name__
-            if kind in REGIONS:
+            if kind in regions:
                 targets.append(m)
             elif kind in SUBMODULES_OF:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
