@@ -138,9 +138,10 @@ def test_vae_pool_gets_its_own_stand_in_and_shares_the_text_vision_stage():
     keeps the key the stand-ins built before the option had."""
     import dataclasses
 
-    cpu = grounding_presets.PRESETS["cpu"]
-    fine = dataclasses.replace(cpu, vae_pool=2)
-    assert grounding_presets.standin_key(cpu) == "cf11390f"
-    assert grounding_presets.standin_key(fine) != grounding_presets.standin_key(cpu)
-    assert grounding_presets.text_vision_key(fine) == grounding_presets.text_vision_key(cpu)
-    assert grounding_presets.apply_settings(cpu, ["vae_pool=2"]) == fine
+    fine = grounding_presets.PRESETS["cpu"]
+    coarse = dataclasses.replace(fine, vae_pool=4)
+    assert fine.vae_pool == 2
+    assert grounding_presets.standin_key(coarse) == "cf11390f"  # the 2026-12-03 stand-in of the 4x4 VAE
+    assert grounding_presets.standin_key(fine) != grounding_presets.standin_key(coarse)
+    assert grounding_presets.text_vision_key(fine) == grounding_presets.text_vision_key(coarse)
+    assert grounding_presets.apply_settings(fine, ["vae_pool=4"]) == coarse

@@ -12,7 +12,7 @@ Three stages (docs/grounding_benchmark.md explains every choice):
               together (causal LM on captions and labels, image-conditioned LM through a soft prefix,
               CLIP-style contrastive, linear attribute read-outs; heads discarded), as ChatGLM3 and
               CLIP are pretrained in the real stack;
-    ``vae/``  a fixed pixel-space AutoencoderKL (4x4 pooling / nearest upsampling, weights set by
+    ``vae/``  a fixed pixel-space AutoencoderKL (``vae_pool`` x ``vae_pool`` pooling / nearest upsampling, weights set by
               hand), its ``scaling_factor`` 1/std of the latents, as SD/SDXL chose theirs;
     ``unet/`` the tiny Kolors-architecture UNet trained for caption-conditioned denoising on the
               pretrained text encoder (epsilon objective, the stack's 1100-step noise schedule, half

@@ -70,7 +70,7 @@ def grounding_scores(model, layouts: list[dict], p: Preset, beta: float, seed: i
 def vae_ceiling_scores(stack_dir: Path, layouts: list[dict], device) -> dict:
     """The measurement's ceiling: the held-out layouts' own images through the stand-in's VAE (encode,
     decode), scored like generated ones. A generator that drew every object exactly in latent space
-    would score this; the 4x4 pixel VAE turns a box edge inside a latent cell into a mixed-colour cell."""
+    would score this; the pixel VAE turns a box edge inside a latent cell into a mixed-colour cell."""
     from diffusers import AutoencoderKL
     from PIL import Image
 
@@ -160,9 +160,10 @@ def render_markdown(res: dict, command: str) -> str:
               f"{p['adapter_steps']} steps x batch {p['adapter_batch']}, lr {p['adapter_lr']} (cosine), "
               f"caption dropout {p['caption_dropout']}, layout dropout {p['layout_dropout']}, "
               f"{p.get('adapter_high_noise', 0.0):.0%} of the timesteps from the noisier half. Step time = median "
-              "optimizer-step wall time in that run (one CPU thread on CPU)."]
+              "optimizer-step wall time in that run (`--threads` CPU threads on CPU)."]
     s = res["standin"]
-    vae = ("the fixed pixel-space AutoencoderKL (4x4 average pooling / nearest upsampling)" if s.get("vae") == "pixel"
+    k = p.get("vae_pool", 4)
+    vae = (f"the fixed pixel-space AutoencoderKL ({k}x{k} average pooling / nearest upsampling)" if s.get("vae") == "pixel"
            else f"the tiny VAE trained {p['vae_steps']} steps")
     lines += ["", f"Stand-in stack: {vae}, round-trip MSE {s['vae_recon_mse']:.4f} on [-1, 1] pixels, latent scaling "
               f"factor {s['vae_scaling_factor']:.3f}; the tiny Kolors-architecture UNet pretrained {p['unet_steps']} steps "

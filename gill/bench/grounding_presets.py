@@ -72,8 +72,11 @@ PRESETS = {
     # 2026-11-30, later: the tower pretrained 9000 steps instead of 6000 (held-out head caption exact 0.641 ->
     # 0.797; ~68 min on one thread); the UNet and the adapters retrained on it: cross mIoU 0.573 -> 0.570 (the
     # pixel VAE caps it at 0.745)
-    "cpu": Preset("cpu", adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000, vision_width=128, vision_layers=4,
-                  tv_steps=9000, tv_batch=64, negative="caption"),
+    # 2026-12-03: the pixel VAE pools 2x2 (a 32x32 latent at 64 px; closer to Kolors' latent cells per object than
+    # 4x4): the measurement's ceiling 0.745 -> 0.886, cross mIoU 0.561 -> 0.756 (no adapter 0.069 -> 0.039); the
+    # UNet stage ~34 min and the adapter ~0.8 s/step on two threads (docs/grounding_benchmark.md)
+    "cpu": Preset("cpu", vae_pool=2, adapter_lr=2e-3, adapter_high_noise=0.5, cr_steps=3000, vision_width=128,
+                  vision_layers=4, tv_steps=9000, tv_batch=64, negative="caption"),
     # "a larger tiny" for one H200. The tiny models leave the GPU launch-bound (2026-11-30: the 128-wide tower's
     # pretraining ran ~70 ms/step at batch 64 on an H200, ~5x one CPU thread), so it buys batch, pool and evaluation
     # size: 4x the UNet batch on 4x the pool, 2x the adapter and captioning batches, 128 layouts and 256 pairs. The
