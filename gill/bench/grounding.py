@@ -84,6 +84,7 @@ log = logging.getLogger("gill.bench.grounding")
 def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0) -> tuple[Path, dict]:
     """The stand-in frozen stack directory (built once per preset; returns it and build stats)."""
     from gill.data.synthetic import SyntheticLayoutDataset
+    from gill.models.model import vae_scale_factor
     from gill.models.stack import ensure_tiny_stack, load_stack
 
     final = work_dir / f"standin-{p.name}-{STANDIN_VERSION}-{standin_key(p)}-seed{seed}"
@@ -133,7 +134,7 @@ def build_standin(work_dir: Path, p: Preset, device: torch.device, seed: int = 0
     stats.update({"vae": p.vae, "vae_scaling_factor": scale, "latent_posterior_std": float(std.mean())})
     stack.vae.register_to_config(scaling_factor=scale)
     # the pipelines' default size is the UNet's sample size times the VAE's downscale
-    stack.unet.register_to_config(sample_size=p.resolution // 2 ** (len(stack.vae.config.block_out_channels) - 1))
+    stack.unet.register_to_config(sample_size=p.resolution // vae_scale_factor(stack.vae))
     shutil.rmtree(tmp / "vae")
     stack.vae.save_pretrained(tmp / "vae", safe_serialization=True)
 

@@ -24,6 +24,12 @@ MODES = ("captioning", "retrieval", "generation")
 
 
 # ---- the frozen encoders' outputs (training and the encoder cache share these) ------------------
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent side of a diffusers AutoencoderKL (one halving per block but the last), as diffusers'
+    pipelines compute it."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 @torch.no_grad()
 def vae_posterior(vae, images) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mean, std)`` of the VAE posterior of PIL images (pre-scaling), on the VAE's device and
@@ -259,7 +265,7 @@ class GillModel(nn.Module):
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     def time_ids(self, batch: dict, resolution: int) -> torch.Tensor:
         """Kolors/SDXL micro-conditioning: original size, crop top-left, target size."""

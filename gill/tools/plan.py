@@ -453,8 +453,9 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
     te, unet, vae = mods["text_encoder"], mods["unet"], mods["vae"]
     ck_te, ck_unet = bool(mc.gradient_checkpointing.text_encoder), bool(mc.gradient_checkpointing.unet)
     seqs = seq_lengths(mc)
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = res // vae_factor
+    from gill.models.model import vae_scale_factor
+
+    latent = res // vae_scale_factor(vae)
     acts: dict[str, ModeActivation] = {}
     # every mode has one next-token CE over the caption's tokens + one (the caption's end, or [IMG0])
     head, head_big = trace_lm_head(te, b * (int(mc.caption_max_tokens) + 1), dtype)
