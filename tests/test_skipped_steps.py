@@ -99,3 +99,47 @@ def test_missing_deepspeed_internals_fail_at_start_up_naming_them():
     engine.optimizer = SimpleNamespace(cpu_offload=True, accumulated_grads_in_cpu={}, optimizer=cpu_adam)
     with pytest.raises(DeepSpeedInternalsError, match="ds_opt_adam.*make_cpu_adam_history_free"):
         check_deepspeed_internals(engine)
+
+
+def test_checking_losses_once_per_step_skips_the_same_steps_without_a_sync_per_mode(tiny_stack_dir, monkeypatch):
+    """``train.nonfinite_check=step``: a clean step is the per-mode check's step bit for bit; a non-finite
+    loss still skips the update (lr 0 when the gradients stay finite, DeepSpeed's own skip when they do not)."""
+    from gill.models import modes as mode_fns
+
+    cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", "data.val=null")
+    distributed.init(torch.device("cpu"))
+    engines = [build_engine(cfg, build_ds_config(cfg, 1, on_gpu=False), torch.device("cpu"), 10) for _ in range(2)]
+    for engine, each_mode in zip(engines, (True, False)):
+        for seed in (1, 2):
+            metrics = optimizer_step(engine, [batch(seed)], list(MODES), {}, check_each_mode=each_mode)
+            assert metrics["skipped"] == 0.0
+    assert torch.equal(engines[0].module.adapter.flat, engines[1].module.adapter.flat)
+    engine = engines[1]
+    model, real = engine.module, mode_fns.retrieval
+
+    def loss_plus(value):
+        def mode(m, b):
+            out = real(m, b)
+            out["loss"] = out["loss"] + value(m)
+            return out
+        return mode
+
+    # 1. The loss is infinite but its graph is not: the zeroed loss leaves finite gradients; lr 0 holds the weights.
+    monkeypatch.setattr(mode_fns, "retrieval", loss_plus(lambda m: torch.tensor(float("inf"))))
+    weights, adam = model.adapter.flat.detach().clone(), adam_state(engine)
+    metrics = optimizer_step(engine, [batch(3)], list(MODES), {}, check_each_mode=False)
+    assert metrics["skipped"] == 1.0 and metrics["grad_overflow"] == 0.0
+    assert torch.equal(model.adapter.flat, weights)
+    assert adam_state(engine)["step"] == adam["step"] + 1
+    assert engine.get_lr()[0] == cfg.train.lr
+    # 2. A NaN inside the graph: the gradients are NaN too, and DeepSpeed skips the step, moments and all.
+    monkeypatch.setattr(mode_fns, "retrieval", loss_plus(lambda m: m.adapter.logit_scale * float("nan")))
+    adam = adam_state(engine)
+    metrics = optimizer_step(engine, [batch(4)], list(MODES), {}, check_each_mode=False)
+    assert metrics["skipped"] == 1.0 and metrics["grad_overflow"] == 0.0
+    assert torch.equal(model.adapter.flat, weights) and adam_state(engine)["step"] == adam["step"]
+    assert engine.get_lr()[0] == cfg.train.lr
+    # 3. Back to finite losses: the next step updates.
+    monkeypatch.setattr(mode_fns, "retrieval", real)
+    assert optimizer_step(engine, [batch(5)], list(MODES), {}, check_each_mode=False)["skipped"] == 0.0
+    assert not torch.equal(model.adapter.flat, weights)

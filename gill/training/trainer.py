@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from gill.training import distributed
 from gill.tools import resources
@@ -169,9 +170,11 @@ class Trainer:
         try:
             while self.step < self.max_steps:
                 profiler.before_step(self.step + 1)  # data loading is part of a step's cost
-                micro = [next(stream) for _ in range(self.grad_accum)]
+                with record_function("gill.data"):
+                    micro = [next(stream) for _ in range(self.grad_accum)]
                 t0 = time.perf_counter()
-                metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
+                metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights,
+                                         check_each_mode=self.t.get("nonfinite_check", "mode") == "mode")
                 dt = time.perf_counter() - t0
                 self.step += 1
                 if self.step - first_step == freeze_after:
