@@ -161,6 +161,8 @@ TRAINER_LEVERS = {
     "gcfreeze": (["train.gc_freeze_after=1"], {}),  # full GC collections skip the compiled heap
     "prompts": (["cache.prompts=true"], {}),  # the encoder cache holds the caption encodings too
     "ca": (["model.compile_adapter=true"], {}),  # the spatial adapter's injections compiled too
+    # the UNet transformer blocks compiled piecewise (attention, feed-forward, the injection) instead of whole
+    "noblocks": (["model.compile_blocks=false"], {}),
     # losses checked for non-finite values once per step, not before each mode's backward (a host sync each)
     "stepcheck": (["train.nonfinite_check=step"], {}),
     # no recomputation at all (for an uncapped GPU: memory buys speed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 
 import numpy as np
 import torch
@@ -17,8 +18,10 @@ from torch import nn
 from gill.models import modes
 from gill.models.adapter import GillAdapter
 from gill.models.chatglm import encode_prompt
-from gill.training.compile import ADAPTER_REGIONS, compile_regions
+from gill.training.compile import ADAPTER_REGIONS, BLOCK_REGIONS, REGIONS, compile_regions
 from gill.models.stack import KolorsStack  # noqa: F401  (the type load_stack returns)
+
+log = logging.getLogger(__name__)
 
 MODES = ("captioning", "retrieval", "generation")
 
@@ -132,8 +135,15 @@ class GillModel(nn.Module):
             self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.compiled_regions = []
         if cfg.get("compile", False):
-            self.compiled_regions = compile_regions(self.text_encoder, self.unet)
-            if cfg.get("compile_adapter", False):
+            whole = bool(cfg.get("compile_blocks", False))
+            if whole and self.adapter.spatial.injection != "cross":
+                # The self injection's hooks close over their block: compiled whole, every block would be a graph.
+                log.info("model.compile_blocks: the %s injection compiles attention and feed-forward modules one "
+                         "by one", self.adapter.spatial.injection)
+                whole = False
+            self.compiled_regions = compile_regions(self.text_encoder, self.unet,
+                                                    regions=REGIONS + (BLOCK_REGIONS if whole else ()))
+            if cfg.get("compile_adapter", False) and not whole:  # compiled whole, a block holds its injection
                 self.compiled_regions += compile_regions(self.adapter.spatial, regions=ADAPTER_REGIONS)
 
     # ---- housekeeping -------------------------------------------------------------------------

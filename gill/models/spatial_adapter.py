@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FOURIER_FREQS = 8
+_LAYER_ATTR = "_gill_grounding"  # on a hooked attn2: its block's cross injection (SpatialAdapter.attach)
 FOURIER_TEMPERATURE = 100.0
 BOX_FEATURE_DIM = 4 * 2 * FOURIER_FREQS  # sin + cos of x1, y1, x2, y2 -> 64
 
@@ -247,6 +248,7 @@ class SpatialAdapter(nn.Module):
             cls(all_blocks[n].norm1.normalized_shape[0], token_dim, inner_dim, head_dim) for n in self.block_names
         )
         self._handles: list = []
+        self._hooked: list = []  # the attn2 modules holding a back-reference to their injection
         self._state: dict = {}
         self._block_inputs: dict = {}
         # (h, w) of the token grid each transformer model last ran on, recorded by a pre-hook:
@@ -316,21 +318,37 @@ class SpatialAdapter(nn.Module):
                 self._handles.append(block.register_forward_pre_hook(self._save_block_input(name), with_kwargs=True))
                 self._handles.append(block.attn1.register_forward_hook(self._self_hook(name, layer)))
             else:
-                hook = self._cross_hook(_grid_owner(name), layer)
-                self._handles.append(block.attn2.register_forward_hook(hook, with_kwargs=True))
+                # One hook object for every block, which finds its layer on the module: a transformer block
+                # compiled whole (model.compile_blocks) traces the hook, and a hook closing over its block
+                # would make a graph per block. In the instance __dict__, not a child module: the UNet's
+                # modules and state dict stay untouched.
+                block.attn2.__dict__[_LAYER_ATTR] = layer
+                self._hooked.append(block.attn2)
+                self._handles.append(block.attn2.register_forward_hook(self._cross_hook, with_kwargs=True))
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for attn in self._hooked:
+            attn.__dict__.pop(_LAYER_ATTR, None)
+        self._hooked = []
 
     def _record_grid(self, parent):
         # The transformer model receives the [B, C, h, w] feature map and flattens it for its blocks.
-        # Kept after the call: checkpointed blocks re-run in backward and read it again.
+        # Kept after the call: checkpointed blocks re-run in backward and read it again. The box mask of
+        # that grid is built here, once per grid and layout, outside any compiled block, and shared by the
+        # blocks on the grid (Kolors: 70 blocks on 2 grids) and by their checkpointed re-runs.
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.dim() == 4:
-                self._grids[parent] = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+                grid = (int(hidden.shape[-2]), int(hidden.shape[-1]))
+                self._grids[parent] = grid
+                if self._state and self.use_box_mask:
+                    masks = self._state.setdefault("masks", {})
+                    if grid[0] * grid[1] not in masks:
+                        masks[grid[0] * grid[1]] = mask = self._box_mask(grid)
+                        torch._dynamo.maybe_mark_dynamic(mask, 2)  # its object axis, like the tokens'
 
         return hook
 
@@ -351,25 +369,16 @@ class SpatialAdapter(nn.Module):
 
         return hook
 
-    def _cross_hook(self, parent, layer):
-        def hook(module, args, kwargs, output):
-            if not self._state:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            mask = None
-            if self.use_box_mask:
-                grid = self._grids.get(parent)
-                if grid is None or grid[0] * grid[1] != hidden.shape[1]:
-                    raise RuntimeError(f"spatial adapter: no token grid recorded for {parent} matching "
-                                       f"{hidden.shape[1]} tokens (got {grid})")
-                # One mask per grid size and layout, shared by the blocks on that grid (Kolors: 70 blocks on
-                # 2 grids) and by their checkpointed re-runs: ~15 small kernels per block saved.
-                masks = self._state.setdefault("masks", {})
-                if grid not in masks:
-                    masks[grid] = self._box_mask(grid)
-                    torch._dynamo.maybe_mark_dynamic(masks[grid], 2)  # its object axis, like the tokens'
-                mask = masks[grid]
-            return output + layer(hidden, self._state["tokens"], mask)
-
-        return hook
+    def _cross_hook(self, module, args, kwargs, output):
+        if not self._state:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        mask = None
+        if self.use_box_mask:
+            # Keyed by token count: the grids of one UNet call differ in it (each level halves both sides).
+            mask = self._state.get("masks", {}).get(hidden.shape[1])
+            if mask is None:
+                raise RuntimeError(f"spatial adapter: no token grid recorded with {hidden.shape[1]} tokens "
+                                   f"(recorded: {sorted(self._grids.values())})")
+        return output + module.__dict__[_LAYER_ATTR](hidden, self._state["tokens"], mask)
 

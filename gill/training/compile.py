@@ -36,6 +36,10 @@ DYNAMIC = {"GLMBlock": True}
 # torch.compile mode of every region (None: the default). "reduce-overhead" adds CUDA graphs: measured
 # as a benchmark variant only (benchmarks/step_benchmark.py, "-ro" rows), not a config option yet.
 MODE: str | None = None
+# Compiled piecewise unless the class itself is a region: a UNet transformer block as a whole (``model.compile_blocks``)
+# is one graph with its norms and the spatial adapter's cross injection inside, instead of three graphs and eager
+# glue; its hook is one object for every block (SpatialAdapter.attach), so blocks of one shape share graphs.
+BLOCK_REGIONS = ("BasicTransformerBlock",)
 SUBMODULES_OF = {"BasicTransformerBlock": ("attn1", "attn2", "ff")}
 
 
@@ -52,7 +56,7 @@ def compile_regions(*roots: nn.Module, regions: tuple[str, ...] = REGIONS) -> li
             kind = type(m).__name__
             if kind in regions:
                 targets.append(m)
-            elif kind in SUBMODULES_OF:
+            elif kind in SUBMODULES_OF and kind not in regions:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
     for m in targets:
         m.forward = torch.compile(m.forward, dynamic=DYNAMIC.get(type(m).__name__), mode=MODE)
