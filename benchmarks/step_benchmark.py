@@ -163,8 +163,6 @@ TRAINER_LEVERS = {
     "ca": (["model.compile_adapter=true"], {}),  # the spatial adapter's injections compiled too
     # the UNet transformer blocks compiled piecewise (attention, feed-forward, the injection) instead of whole
     "noblocks": (["model.compile_blocks=false"], {}),
-    # losses checked for non-finite values once per step, not before each mode's backward (a host sync each)
-    "stepcheck": (["train.nonfinite_check=step"], {}),
     # no recomputation at all (for an uncapped GPU: memory buys speed)
     "nockpt": (["model.gradient_checkpointing.unet=false", "model.gradient_checkpointing.text_encoder=false"], {}),
 }
@@ -532,8 +530,13 @@ def trainer_row(spec: str, args, out_dir: Path) -> dict:
     finally:
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    handed = launch_script_args(*overrides)
+    resolved = compose(handed[handed.index("train_ds.py") + 1:])  # what the run trained with, for the table's columns
     row = dict(variant=f"trainer:{recipe}", res=int(res), mb=int(mb), cap_gib=float(cap) or None, wall_s=wall,
-               command="launch/train_1gpu.sh " + " ".join(overrides), env=rec["env"], cached=bool(cache))
+               command="launch/train_1gpu.sh " + " ".join(overrides), env=rec["env"], cached=bool(cache),
+               ckpt_unet=bool(resolved.model.gradient_checkpointing.unet),
+               ckpt_te=bool(resolved.model.gradient_checkpointing.text_encoder),
+               flat=bool(resolved.train.flat_params), compile=bool(resolved.model.compile))
     metrics = run_dir / "metrics.jsonl"
     if rc != 0 or not metrics.exists():
         tail = Path(f"{run_dir}.log").read_text(errors="replace")[-600:] if Path(f"{run_dir}.log").exists() else ""
@@ -626,8 +629,8 @@ def fmt_table(rows: list[dict], meta: dict) -> str:
         flat = {True: "Y", False: "N", None: "-"}[r.get("flat")]
         comp = "Y" if r.get("compile", "compile" in r["variant"]) else "N"
         ck = f"{ck} | {'Y' if r.get('cached') else 'N'} | {flat} | {comp}"
-        if r["variant"].startswith("trainer:"):  # the recipe's own settings (see the command in the JSON)
-            ck = "Y/N | N | Y | Y"
+        if r["variant"].startswith("trainer:") and "ckpt_unet" not in r:  # recorded before the columns were
+            ck = "- | - | - | -"
         extra = f" | {r.get('steps_timed', '-')} | {r.get('alloc_retries', '-')} |"
         if r.get("status") == "ok":
             mp = r["ms_per_mode"]

@@ -198,15 +198,26 @@ def mode_gradients(model, batch) -> dict:
 
 
 @pytest.mark.slow
-def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch):
-    """model.compile (the Kolors default) with the adapter's injections compiled too (``compile_adapter``):
-    same gradients as eager, the spatial hooks outside the graphs."""
+@pytest.mark.parametrize("whole_blocks", [True, False], ids=["blocks", "pieces"])
+def test_regional_compile_with_checkpointing_gives_the_same_gradients(tiny_stack_dir, batch, whole_blocks):
+    """model.compile (the Kolors default) with the UNet's transformer blocks compiled whole and the cross injection
+    inside (``compile_blocks``, the Kolors default), or piecewise with the injections compiled on their own
+    (``compile_adapter``): same gradients as eager, and the blocks share their graphs."""
     eager = mode_gradients(make_model(tiny_stack_dir), batch)
-    model = make_model(tiny_stack_dir, **{"compile": True, "compile_adapter": True, "gradient_checkpointing.unet": True,
+    model = make_model(tiny_stack_dir, **{"compile": True, "compile_adapter": True, "compile_blocks": whole_blocks,
+                                          "gradient_checkpointing.unet": True,
                                           "gradient_checkpointing.text_encoder": True})
     kinds = {type(m).__name__ for m in model.compiled_regions}
-    assert kinds == {"GLMBlock", "ResnetBlock2D", "Attention", "FeedForward", "GatedCrossAttention"}, kinds
+    expected = {"BasicTransformerBlock"} if whole_blocks else {"Attention", "FeedForward", "GatedCrossAttention"}
+    assert kinds == {"GLMBlock", "ResnetBlock2D"} | expected, kinds
     compiled = mode_gradients(model, batch)
+    if whole_blocks:
+        # 11 blocks with an injection each: a graph per block (a hook that closes over its block) would be 11 entries.
+        from diffusers.models.attention import BasicTransformerBlock
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        entries = _debug_get_cache_entry_list(BasicTransformerBlock.forward.__code__)
+        assert 0 < len(entries) <= 3, len(entries)  # input requires_grad or not; then the token count symbolic
     assert compiled.keys() == eager.keys()
     for n in eager:
         # Inductor fuses and reorders fp32 arithmetic: ~1e-6 relative per tensor, up to ~3e-4 on the

@@ -67,8 +67,6 @@ def check_train_config(cfg) -> None:
         raise ConfigError(f"train.resolution must be a multiple of 8, got {train.resolution}")
     if train.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"train.lr_schedule must be constant or cosine, got {train.lr_schedule!r}")
-    if train.get("nonfinite_check", "mode") not in ("mode", "step"):
-        raise ConfigError(f"train.nonfinite_check must be mode or step, got {train.nonfinite_check!r}")
     weights = train.get("mode_weights") or {}
     unknown = sorted(set(weights) - set(MODES))
     if unknown:

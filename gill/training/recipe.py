@@ -115,73 +115,58 @@ def make_scheduler(optimizer, lr_fn):
 
 
 def optimizer_step(
-    engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None, after_micro_step=None,
-    check_each_mode: bool = True,
+    engine, micro_batches: list[dict], modes: list[str], mode_weights: dict, before_update=None, after_micro_step=None
 ) -> dict:
     """Run one optimizer step; returns per-mode losses/metrics (means over micro-batches).
 
     ``before_update(engine)`` runs after the last backward, before the update (gradient probes);
     ``after_micro_step(mode)`` after each mode's backward + ``engine.step()`` (per-mode timing).
 
-    A non-finite loss on any rank skips the update: the boundary step runs at lr 0, so no poisoned value
-    reaches the weights (``metrics["skipped"]`` is 1). Where the check happens (``train.nonfinite_check``):
+    A non-finite loss on any rank makes every rank back-propagate a zero surrogate instead (the
+    backward is collective), and the update is skipped by running the boundary step at lr 0: no
+    poisoned value reaches the weights (Adam's moments and step count still take in the step's finite
+    gradients, tests/test_skipped_steps.py). A finite loss whose gradient is not finite is caught by
+    DeepSpeed itself (its global norm check): it drops the gradients and skips the update, the
+    moments and the LR schedule (``engine.was_step_applied()`` is false). Either way
+    ``metrics["skipped"]`` is 1; ``metrics["grad_overflow"]`` tells the second kind.
 
-    * ``check_each_mode`` (``mode``): each loss is read before its backward (a host sync per mode) and a
-      non-finite one is replaced by a zero surrogate on every rank (the backward is collective); Adam's
-      moments and step count still take in the step's finite gradients (tests/test_skipped_steps.py).
-    * otherwise (``step``): each backward runs on ``where(finite, loss, 0)`` and the losses are read once,
-      after the last backward. A loss whose graph holds non-finite values then leaves non-finite gradients,
-      and DeepSpeed skips the whole step, moments included.
-
-    A finite loss whose gradient is not finite is caught by DeepSpeed itself (its global norm check): it
-    drops the gradients and skips the update, the moments and the LR schedule (``engine.was_step_applied()``
-    is false); ``metrics["grad_overflow"]`` tells this kind.
+    Reading each loss before its backward syncs the host with the GPU once per mode; the profile of the
+    24 GiB recipe shows those waits at under 1 ms a step (the host-bound GPU has drained by then), so the
+    check stays where it can still keep a poisoned gradient out (benchmarks/NOTES.md, run 19). The
+    ``gill.*`` labels name the step's phases in a profile (``train.profile``, gill/tools/profiling.py).
     """
     model = engine.module
     sums: dict[str, float] = {}
     poisoned = False
-    finite_flags = []  # check at the step's end: each loss's finiteness, on the device until then
     n_micro = len(micro_batches) * len(modes)
     i = 0
     for batch in micro_batches:
         for mode in modes:
             i += 1
-            last = i == n_micro
             with record_function(f"gill.forward.{mode}"):
                 out = engine(batch, mode)
             loss = out["loss"] * float(mode_weights.get(mode, 1.0))
-            finite = torch.isfinite(loss.detach()).all()
-            if check_each_mode:
-                if distributed.any_rank(not bool(finite)):
-                    log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
-                    poisoned = True
-                    loss = zero_surrogate(model)
-            else:
-                finite_flags.append(finite)
-                loss = torch.where(finite, loss, torch.zeros_like(loss))
-            if last:
+            bad = distributed.any_rank(not bool(torch.isfinite(loss.detach()).all()))
+            if bad:
+                log.warning("non-finite %s loss (%s): skipping this optimizer step", mode, loss.item())
+                poisoned = True
+                loss = zero_surrogate(model)
+            if i == n_micro:
                 loss = loss + touch_all_trainables(model)
+            if i == n_micro and poisoned:
+                lrs = hold_update(engine)
             with record_function(f"gill.backward.{mode}"):
                 engine.backward(loss)
-            if last and not check_each_mode:
-                ok = torch.stack(finite_flags).tolist()  # the step's one read of the losses
-                if distributed.any_rank(not all(ok)):
-                    bad = sorted({m for m, good in zip(modes * len(micro_batches), ok) if not good})
-                    log.warning("non-finite loss in %s: skipping this optimizer step", ", ".join(bad) or "another rank")
-                    poisoned = True
-            if last and poisoned:
-                lrs = hold_update(engine)
-            if last and before_update is not None:
+            if i == n_micro and before_update is not None:
                 before_update(engine)
             with record_function("gill.engine_step"):
                 engine.step()
-            if last:
+            if i == n_micro:
                 reset_offload_accumulators(engine)
                 overflow = not engine.was_step_applied()
                 if overflow:
-                    if not poisoned:
-                        log.warning("non-finite gradient with finite losses: DeepSpeed skipped this optimizer step")
-                    else:  # DeepSpeed skipped the scheduler's step too: lr 0 would stay
+                    log.warning("non-finite gradient with finite losses: DeepSpeed skipped this optimizer step")
+                    if poisoned:  # DeepSpeed skipped the scheduler's step too: lr 0 would stay
                         release_update(engine, lrs)
             del loss
             if after_micro_step is not None:
@@ -194,7 +179,7 @@ def optimizer_step(
             del out
     metrics = {k: float(v) for k, v in sums.items()}
     metrics["skipped"] = float(poisoned or overflow)
-    metrics["grad_overflow"] = float(overflow and not poisoned)
+    metrics["grad_overflow"] = float(overflow)
     return metrics
 
 

@@ -173,8 +173,7 @@ class Trainer:
                 with record_function("gill.data"):
                     micro = [next(stream) for _ in range(self.grad_accum)]
                 t0 = time.perf_counter()
-                metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights,
-                                         check_each_mode=self.t.get("nonfinite_check", "mode") == "mode")
+                metrics = optimizer_step(self.engine, micro, self.modes, self.t.mode_weights)
                 dt = time.perf_counter() - t0
                 self.step += 1
                 if self.step - first_step == freeze_after:
