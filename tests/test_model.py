@@ -51,6 +51,11 @@ def test_adapter_reproduces_frozen_unet_exactly_at_init(tiny_stack_dir, batch, i
     assert not torch.allclose(plain, opened)
     # The UNet's own state dict is untouched by the adapter (hooks, not module surgery).
     assert not any("spatial" in k or "fuser" in k for k in model.unet.state_dict())
+    # Detached, the UNet is plain Kolors again: the gates open, its output is the one without a layout.
+    model.adapter.spatial.detach()
+    assert not any(hasattr(m, "_gill_grounding") for m in model.unet.modules())
+    with torch.no_grad():
+        assert torch.equal(model.unet(**inputs).sample, plain)
 
 
 def test_cross_box_mask_confines_attention_to_boxes(tiny_stack_dir):

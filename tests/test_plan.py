@@ -154,3 +154,19 @@ def test_fit_picks_the_largest_micro_batch_that_fits_the_card():
     assert from_cli["device_peak_gib"] == pytest.approx(pick["device_peak_gib"], abs=2e-3)
     assert fit_overrides(pick)[0] == f"train.micro_batch_size={best}"
     assert fit(cfg, card_gib=0.01) == (None, [dict(r, micro_batch=0, device_peak_gib=None) for r in rows])
+
+
+def test_a_compiled_net_plans_fewer_saved_activations_only_when_not_checkpointed(tiny_stack_dir):
+    """Inductor keeps less than the eager trace of a net that is not recomputed (``COMPILED_SAVED``, fitted to the
+    uncapped Kolors rows); a checkpointed net keeps its units' inputs either way."""
+    from gill.tools.plan import COMPILED_SAVED
+
+    def parts(compile_, ckpt):
+        cfg = compose_cfg(f"model.pretrained_path={tiny_stack_dir}", f"model.compile={compile_}",
+                          f"model.gradient_checkpointing.unet={ckpt}", f"model.gradient_checkpointing.text_encoder={ckpt}")
+        return plan(cfg, world_size=1, cached=False, optimizer="torch", dtype=torch.float32).modes["generation"].parts
+
+    eager, compiled = parts(False, False), parts(True, False)
+    for net in ("unet", "chatglm"):
+        assert compiled[net] == int(eager[net] * COMPILED_SAVED), net
+    assert parts(True, True) == parts(False, True)

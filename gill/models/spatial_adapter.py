@@ -38,9 +38,9 @@ import torch.nn.functional as F
 from torch import nn
 
 FOURIER_FREQS = 8
-_LAYER_ATTR = "_gill_grounding"  # on a hooked attn2: its block's cross injection (SpatialAdapter.attach)
 FOURIER_TEMPERATURE = 100.0
 BOX_FEATURE_DIM = 4 * 2 * FOURIER_FREQS  # sin + cos of x1, y1, x2, y2 -> 64
+_LAYER_ATTR = "_gill_grounding"  # on a hooked attn2: its block's cross injection (SpatialAdapter.attach)
 
 
 def fourier_box_features(boxes: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,8 @@ obtained:
   On top comes a **transient** term for the backward's working set (gradients of activations):
   ``TRANSIENT_FACTOR`` x the largest single saved tensor — a calibrated constant (below).
   Generation with raw images also has the VAE encoder's no-grad peak (three full-resolution
-  128-channel maps: ``VAE_ENCODE_MAPS``), and the ChatGLM prompt encoding's hidden states.
+  128-channel maps: ``VAE_ENCODE_MAPS``), and the ChatGLM prompt encoding's hidden states. A compiled net
+  that is not checkpointed keeps less than its eager trace (``COMPILED_SAVED``, calibrated).
 * **CUDA context** — CUDA/cuBLAS/NCCL state outside PyTorch's allocator (a constant).
 * **allocator slack** — ``max_memory_reserved`` exceeds ``max_memory_allocated`` by fragmentation.
 
@@ -34,6 +35,7 @@ Calibrated constants (honest about where they come from; see benchmarks/NOTES.md
 
 * ``TRANSIENT_FACTOR``, ``ALLOCATOR_SLACK`` — fitted to the H200 per-mode peaks of
   benchmarks/step_benchmark.json (kolors_random, 1024², micro-batch 1-8);
+* ``COMPILED_SAVED`` — fitted to the two uncapped trainer rows without recomputation (mb 16 and 20);
 * ``CUDA_CONTEXT_GIB`` — typical size for torch 2.x + NCCL on Ada/Hopper cards; not measured by the
   benchmark (outside ``max_memory_reserved``, which is what the 24 GiB emulation caps).
 
@@ -56,6 +58,11 @@ CUDA_CONTEXT_GIB = 0.6
 ALLOCATOR_SLACK = 0.03  # reserved / allocated - 1 (H200 rows: 0.5-3.4%)
 TRANSIENT_FACTOR = 2.0  # backward working set, in units of the largest saved tensor
 VAE_ENCODE_MAPS = 6  # no-grad VAE encode peak, in [B, 128, H, W] bf16 maps (H200: 1.3-1.55 GiB per 1024² image)
+# Saved activations of a compiled (model.compile), not checkpointed net over its eager trace: Inductor's partitioner
+# recomputes cheap pointwise results in backward instead of keeping them. Fitted to the uncapped Kolors rows without
+# recomputation (benchmarks/NOTES.md: run 18 mb 16, 0.764; run 21 mb 20, 0.765); checkpointed nets keep only their
+# units' inputs, which compiling does not change (the capped recipe plans within -1.8% without it).
+COMPILED_SAVED = 0.765
 MODES = ("captioning", "retrieval", "generation")
 
 
@@ -452,6 +459,11 @@ def fit_overrides(pick: dict) -> list[str]:
 def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) -> dict:
     te, unet, vae = mods["text_encoder"], mods["unet"], mods["vae"]
     ck_te, ck_unet = bool(mc.gradient_checkpointing.text_encoder), bool(mc.gradient_checkpointing.unet)
+    compiled = bool(mc.get("compile", False))
+
+    def kept(saved: int, ckpt: bool) -> int:  # what a compiled, not checkpointed net keeps of its eager trace
+        return int(saved * COMPILED_SAVED) if compiled and not ckpt else saved
+
     seqs = seq_lengths(mc)
     from gill.models.model import vae_scale_factor
 
@@ -461,18 +473,20 @@ def _mode_activations(mc, modes, mods, adapter, b, res, cached, dtype, esize) ->
     head, head_big = trace_lm_head(te, b * (int(mc.caption_max_tokens) + 1), dtype)
     if "captioning" in modes:
         s, big = trace_chatglm(te, b, seqs["captioning"], dtype, ck_te)
+        s = kept(s, ck_te)
         acts["captioning"] = ModeActivation(s + head, int(TRANSIENT_FACTOR * max(big, head_big)),
                                             {"chatglm": s, "lm_head": head})
     img = None
     if "retrieval" in modes or "generation" in modes:
         s, big = trace_chatglm(te, b, seqs["img"], dtype, ck_te)
-        img = (s + head, max(big, head_big))
+        img = (kept(s, ck_te) + head, max(big, head_big))
     if "retrieval" in modes:
         acts["retrieval"] = ModeActivation(img[0], int(TRANSIENT_FACTOR * img[1]), {"chatglm": img[0] - head,
                                                                                      "lm_head": head})
     if "generation" in modes:
         su, bigu = trace_unet(unet, adapter, b, latent, int(mc.adapter.spatial.max_objects), int(mc.prompt_max_length),
                               dtype, ck_unet)
+        su = kept(su, ck_unet)
         saved = img[0] + su
         backward = int(TRANSIENT_FACTOR * max(bigu, img[1]))
         # no-grad peaks before the UNet runs: ChatGLM's prompt encoding keeps every layer's hidden

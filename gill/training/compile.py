@@ -64,7 +64,7 @@ def compile_regions(*roots: nn.Module, regions: tuple[str, ...] = REGIONS) -> li
             kind = type(m).__name__
             if kind in regions:
                 targets.append(m)
-            elif kind in SUBMODULES_OF and kind not in regions:
+            elif kind in SUBMODULES_OF:
                 targets.extend(getattr(m, name) for name in SUBMODULES_OF[kind])
     for m in targets:
         m.forward = torch.compile(m.forward, dynamic=DYNAMIC.get(type(m).__name__), mode=MODE)
