@@ -1,14 +1,16 @@
 """The GPU timeline read back from a profiler trace: busy time, idle gaps by the step's label, host waits."""
 import json
 
-from gill.tools.profiling import timeline, timeline_report
+import pytest
+
+from gill.tools.profiling import main, timeline, timeline_report
 
 
 def ev(cat, name, ts, dur, tid=1, pid=1):
     return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, tid=tid, pid=pid)
 
 
-def test_idle_gaps_are_charged_to_the_label_the_host_was_in_and_waits_to_their_operator(tmp_path):
+def test_idle_gaps_are_charged_to_the_label_the_host_was_in_and_waits_to_their_operator(tmp_path, capsys):
     events = [
         ev("user_annotation", "gill.forward.generation", 0, 1000),
         ev("user_annotation", "gill.backward.generation", 1000, 1000),
@@ -30,4 +32,9 @@ def test_idle_gaps_are_charged_to_the_label_the_host_was_in_and_waits_to_their_o
     path.write_text(json.dumps({"traceEvents": events}))
     report = timeline_report(path)
     assert "GPU busy 1.0 ms (52.0%)" in report and "| gill.forward.generation | 0.9 | 1 |" in report
+    main([str(path)])  # python -m gill.tools.profiling <trace>
+    assert capsys.readouterr().out.strip() == report
+    (tmp_path / "table.txt").write_text("# rank 0, optimizer steps 40-40")
+    with pytest.raises(SystemExit, match="not a Chrome trace"):
+        main([str(tmp_path / "table.txt")])
     assert timeline([ev("cpu_op", "aten::mm", 0, 10)]) is None  # a CPU run has no GPU timeline

@@ -5,7 +5,9 @@ Writes ``<output_dir>/profile/rank<r>.txt`` (operators by self CPU and by self G
 step waits — collectives, host-to-device copies, the CPU optimizer — which averages cannot.
 The text file ends with the GPU timeline read back from the trace (:func:`timeline_report`): how long the
 GPU sat idle and what the host was doing meanwhile (the ``gill.*`` labels of the training step), and which
-calls made the host wait for the GPU.
+calls made the host wait for the GPU. For a trace written elsewhere::
+
+    python -m gill.tools.profiling outputs/run/profile/rank0.trace.json
 """
 from __future__ import annotations
 
@@ -148,3 +150,19 @@ def timeline_report(trace_path: Path, rows: int = 25) -> str:
     for (label, op, call), (us, n) in sorted(t["waits"].items(), key=lambda kv: -kv[1][0])[:rows]:
         lines.append(f"| {label} | {op} | {call} | {us / 1e3:.1f} | {n} |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The GPU timeline of a torch.profiler Chrome trace.")
+    ap.add_argument("trace", type=Path, help="a Chrome trace (e.g. <output_dir>/profile/rank0.trace.json)")
+    path = ap.parse_args(argv).trace
+    try:
+        print(timeline_report(path))
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a Chrome trace with traceEvents ({type(e).__name__}: {e})") from None
+
+
+if __name__ == "__main__":
+    main()
