@@ -111,9 +111,9 @@ def timeline(events: list[dict], min_gap_us: float = 100.0, min_wait_us: float =
     if not gpu:
         return None
     labels = [e for e in complete if e.get("cat") == "user_annotation" and e["name"].startswith("gill.")]
-    host = [e for e in complete if e.get("cat") in ("cpu_op", "user_annotation")]
-    start = min(e["ts"] for e in host + complete[:1])
-    end = max(e["ts"] + e["dur"] for e in host + complete[:1])
+    window = [e for e in complete if e.get("cat") in ("cpu_op", "user_annotation")] or complete
+    start = min(e["ts"] for e in window)
+    end = max(e["ts"] + e["dur"] for e in window)
     busy = sum(b - a for a, b in gpu)
     idle_by = defaultdict(lambda: [0.0, 0])
     for (_, prev_end), (next_start, _) in zip(gpu, gpu[1:]):
