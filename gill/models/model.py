@@ -136,8 +136,7 @@ class GillModel(nn.Module):
         self.compiled_regions = []
         if cfg.get("compile", False):
             whole = bool(cfg.get("compile_blocks", False))
-            if whole and self.adapter.spatial.injection != "cross":
-                # The self injection's hooks close over their block: compiled whole, every block would be a graph.
+            if whole and not self.adapter.spatial.block_traceable:
                 log.info("model.compile_blocks: the %s injection compiles attention and feed-forward modules one "
                          "by one", self.adapter.spatial.injection)
                 whole = False

@@ -256,6 +256,13 @@ class SpatialAdapter(nn.Module):
         # multiples of 4 give grids a square-root guess gets wrong: 40x96 px on the tiny stack).
         self._grids: dict[str, tuple[int, int]] = {}
 
+    @property
+    def block_traceable(self) -> bool:
+        """Whether a UNet transformer block compiled whole can trace this adapter's hooks with one graph for all
+        blocks (model.compile_blocks): the cross hook is one object for every block; the self injection's hooks
+        close over their block's name, so each block would get a graph of its own."""
+        return self.injection == "cross"
+
     # ---- per-call state -------------------------------------------------------------------
     def set_layout(self, phrase_embeds, boxes, mask, latent_hw: tuple[int, int] | None = None):
         """Set the layout for the next UNet call(s). ``latent_hw`` is informational only: each
