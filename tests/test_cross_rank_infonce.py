@@ -1,6 +1,7 @@
 """The retrieval loss across ranks: two gloo processes on CPU, each with half of a global batch, give
 (after the data-parallel gradient average DeepSpeed does) exactly the gradient one process computes on
 the whole batch — the gathered negatives are differentiated through every rank's embeddings."""
+import os
 from types import SimpleNamespace
 
 import torch
@@ -62,6 +63,9 @@ def _rank(rank: int, world: int, init_file: str, results: str):
         torch.save({"grads": grads, "negatives": int(out["negatives"])}, f"{results}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # The results are on disk: leave without the interpreter's teardown, in which a rank aborted ("terminate called
+    # without an active exception", SIGABRT) in ~4 of 10 runs after its work was done (torch 2.13, gloo on CPU).
+    os._exit(0)
 
 
 def test_two_rank_infonce_gradient_equals_one_rank_on_the_global_batch(tmp_path):
